@@ -1,0 +1,1 @@
+from nl_pretrain.model.model import LanguageModel  # noqa: F401

@@ -1,0 +1,39 @@
+"""Causal softmax attention with RoPE: flash-attn on CUDA when installed, SDPA otherwise."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nl_pretrain.model.layers import rope
+
+try:  # optional GPU extra
+    from flash_attn import flash_attn_func  # type: ignore
+except Exception:  # not installed (always the case on CPU machines)
+    flash_attn_func = None
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``q, k, v: (B, H, T, D)`` -> ``(B, H, T, D)``."""
+    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        return out.transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int, n_heads: int, rope_theta: float):
+        super().__init__()
+        self.n_heads, self.d_head, self.rope_theta = n_heads, d // n_heads, rope_theta
+        self.w_q = nn.Linear(d, d, bias=False)
+        self.w_k = nn.Linear(d, d, bias=False)
+        self.w_v = nn.Linear(d, d, bias=False)
+        self.w_o = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        split = lambda t: t.view(B, T, -1, self.d_head).transpose(1, 2)  # noqa: E731
+        q = rope(split(self.w_q(x)), self.rope_theta)
+        k = rope(split(self.w_k(x)), self.rope_theta)
+        out = causal_attention(q, k, split(self.w_v(x)))
+        return self.w_o(out.transpose(1, 2).reshape(B, T, -1))

@@ -1,0 +1,67 @@
+"""Continuum Memory System (paper Eq. 70-71; DESIGN.md §4.3): a chain of MLP levels.
+
+- :class:`StepLevel`: an ordinary SwiGLU MLP whose parameters change every ``period`` optimizer
+  steps with the summed gradient (Eq. 71; the schedule lives in :mod:`nl_pretrain.optim.cms`).
+- :class:`ContextLevel`: per-sequence fast weights, a per-head MLP memory updated every token
+  inside chunks of ``period`` tokens, read before the write, trained online on
+  ``1/2 ||MLP(z_t) - z_t W_T||^2`` with the same memory kernel as an SMT MLP memory.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from kernels.memory import MemorySpec, memory_chunk
+from nl_pretrain.model.layers import SwiGLU, l2norm
+from nl_pretrain.model.memories import MemoryInit, from_rows, to_rows
+from nl_pretrain.model.smt import ALPHA_BIAS_INIT, BETA_LOGIT, ETA_BIAS_INIT, resolve_memory_impl
+
+
+class StepLevel(nn.Module):
+    def __init__(self, d: int, level):
+        super().__init__()
+        self.period, self.lr_scale = level.period, level.lr_scale
+        self.mlp = SwiGLU(d, max(1, int(round(level.expansion * d))))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.mlp(z)
+
+
+class ContextLevel(nn.Module):
+    def __init__(self, cfg, level):
+        super().__init__()
+        d, H = cfg.d_model, cfg.n_heads
+        self.cfg, self.H, self.period = cfg, H, level.period
+        self.spec = MemorySpec(kind="mlp", rule=cfg.rule, loss="l2", grad_at="chunk_start",
+                               momentum=cfg.momentum, residual=False)
+        self.init = MemoryInit("mlp", H, d // H, d // H, level.expansion)
+        self.w_target = nn.Linear(d, d, bias=False)   # W_T: the level's learned target projection
+        self.w_eta = nn.Linear(d, H, bias=True)
+        self.w_alpha = nn.Linear(d, H, bias=True)
+        with torch.no_grad():
+            self.w_eta.bias.fill_(ETA_BIAS_INIT)
+            self.w_alpha.bias.fill_(ALPHA_BIAS_INIT)
+        self.beta_logit = nn.Parameter(torch.full((H,), BETA_LOGIT))
+        self.w_o = nn.Linear(d, d, bias=False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        B, T, _ = z.shape
+        impl = resolve_memory_impl(self.cfg.memory_impl, z.device)
+        keys = l2norm(to_rows(z, self.H))              # unit keys keep the dgd write stable
+        targets = to_rows(self.w_target(z), self.H)
+        eta = self.cfg.eta_max * torch.sigmoid(to_rows(self.w_eta(z), self.H)[..., 0])
+        alpha = torch.sigmoid(to_rows(self.w_alpha(z), self.H)[..., 0])
+        beta = torch.sigmoid(self.beta_logit).repeat(B) if self.cfg.momentum else None
+        state = self.init.expand(B)
+        mom = tuple(torch.zeros_like(w) for w in state) if self.cfg.momentum else None
+        outs = []
+        for s in range(0, T, self.period):
+            e = min(s + self.period, T)
+            o, state, mom = memory_chunk(self.spec, state, mom, keys[:, s:e], targets[:, s:e],
+                                         eta[:, s:e], alpha[:, s:e], beta, keys[:, s:e], impl=impl)
+            outs.append(o)
+        return self.w_o(from_rows(torch.cat(outs, 1), B))
+
+
+def build_level(cfg, level) -> nn.Module:
+    return StepLevel(cfg.d_model, level) if level.kind == "step" else ContextLevel(cfg, level)

@@ -1,0 +1,83 @@
+"""The language models: HOPE, Hope-Attention, Transformer++, Titans, Gated DeltaNet.
+
+One block for all of them (pre-norm): ``h = x + mixer(norm(x))`` with the mixer either
+self-modifying Titans or causal attention, then the CMS chain ``z <- z + level(norm(z))``.
+The families differ only in configuration (presets in :mod:`nl_pretrain.presets`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nl_pretrain.model.attention import Attention
+from nl_pretrain.model.cms import build_level
+from nl_pretrain.model.layers import RMSNorm
+from nl_pretrain.model.packing import layout_for
+from nl_pretrain.model.smt import SelfModifyingTitans
+
+ATTENTION_FAMILIES = ("transformer", "hope_attention")
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if cfg.family in ATTENTION_FAMILIES:
+            self.mixer = Attention(cfg.d_model, cfg.n_heads, cfg.rope_theta)
+        else:
+            self.mixer = SelfModifyingTitans(cfg)
+        self.level_norms = nn.ModuleList(RMSNorm(cfg.d_model, cfg.norm_eps) for _ in cfg.cms)
+        self.levels = nn.ModuleList(build_level(cfg, lvl) for lvl in cfg.cms)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x + self.mixer(self.norm(x))
+        for norm, level in zip(self.level_norms, self.levels):
+            z = z + level(norm(z))                      # CMS chain (Eq. 70)
+        return z
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.embed.weight, std=std)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        for name, mod in self.named_modules():
+            if isinstance(mod, nn.Linear) and mod is not self.lm_head:
+                last = name.rsplit(".", 1)[-1]
+                nn.init.normal_(mod.weight, std=out_std if last in ("w_o", "w_down") else std)
+
+    def hidden(self, input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self.embed(input_ids)
+        layout = layout_for(doc_ids)
+        if layout is not None:
+            x = layout.unpack(x)
+        for block in self.blocks:
+            x = block(x)
+        if layout is not None:
+            x = layout.pack(x)
+        return self.norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(h) if self.lm_head is not None else h @ self.embed.weight.t()
+
+    def forward(self, input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.logits(self.hidden(input_ids, doc_ids))
+
+    def loss(self, input_ids, labels, doc_ids=None) -> torch.Tensor:
+        logits = self(input_ids, doc_ids)
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)

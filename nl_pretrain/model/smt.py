@@ -1,0 +1,168 @@
+"""Self-modifying Titans (SMT), the sequence mixer of HOPE (DESIGN.md §4.2, paper §8).
+
+Per head: static projections ``u = x W_u`` and ``q = l2norm(silu(conv(x W_q)))``; adaptive
+projection memories ``M_k, M_v, M_eta, M_alpha`` produce the keys, values, learning rates and
+retention gates from ``u``; every memory learns online from self-generated targets
+``vhat_m = M_m(v_t)`` (Eq. 84-85) under the inner loss (Eq. 86 / 92) with the ``dgd`` rule
+(Eq. 88) or ``gd``, momentum and decay; the main memory is read with ``q_t`` before token t is
+written. The sequence is processed in chunks (§8.2): reads of projection memories and all
+gradients inside a chunk use the chunk-start state. Titans and Gated DeltaNet are configurations
+of this layer with static projections and plain targets.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.memory import memory_chunk, memory_read
+from nl_pretrain.model.layers import CausalConv, l2norm
+from nl_pretrain.model.memories import MemoryInit, from_rows, make_spec, to_rows
+
+PROJ_MEMORIES = ("k", "v", "eta", "alpha")
+ETA_BIAS_INIT, ALPHA_BIAS_INIT, BETA_INIT = -2.0, 4.0, 0.9
+BETA_LOGIT = math.log(BETA_INIT / (1 - BETA_INIT))
+
+
+def resolve_memory_impl(requested: str, device: torch.device) -> str:
+    try:
+        from kernels.memory.dispatch import resolve_impl
+    except ImportError:  # kernels issue not landed: torch everywhere
+        if requested == "triton":
+            raise ValueError("memory_impl 'triton' is not available in this build; use 'auto' or 'torch'")
+        return "torch" if requested == "auto" else requested
+    return resolve_impl(requested, device)
+
+
+class SelfModifyingTitans(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d, H = cfg.d_model, cfg.n_heads
+        dh = d // H
+        self.cfg, self.d, self.H, self.dh = cfg, d, H, dh
+        self.adaptive = cfg.adaptive_projections
+        rule, loss, lg, mom = cfg.rule, cfg.inner_loss, cfg.linear_grad, cfg.momentum
+        self.proj_spec = make_spec(cfg.proj_memory, rule, loss, lg, mom)
+        self.main_spec = make_spec(cfg.main_memory, rule, loss, lg, mom)
+        self.w_q = nn.Linear(d, H * dh, bias=False)
+        self.conv_q = CausalConv(H * dh, cfg.conv_kernel)
+        if self.adaptive:
+            self.w_u = nn.Linear(d, H * dh, bias=False)
+            self.conv_u = CausalConv(H * dh, cfg.conv_kernel)
+            e = cfg.memory_expansion
+            self.proj_init = nn.ModuleDict({
+                "k": MemoryInit(cfg.proj_memory, H, dh, dh, e, identity=True),
+                "v": MemoryInit(cfg.proj_memory, H, dh, dh, e, identity=True),
+                "eta": MemoryInit(cfg.proj_memory, H, dh, 1, e),
+                "alpha": MemoryInit(cfg.proj_memory, H, dh, 1, e),
+            })
+        else:
+            self.w_k = nn.Linear(d, H * dh, bias=False)
+            self.w_v = nn.Linear(d, H * dh, bias=False)
+            self.conv_k = CausalConv(H * dh, cfg.conv_kernel)
+            self.conv_v = CausalConv(H * dh, cfg.conv_kernel)
+            self.w_eta = nn.Linear(d, H, bias=False)
+            self.w_alpha = nn.Linear(d, H, bias=False)
+        # static per-head biases of the eta / alpha outputs (retention starts close to 1)
+        self.eta_bias = nn.Parameter(torch.full((H,), ETA_BIAS_INIT))
+        self.alpha_bias = nn.Parameter(torch.full((H,), ALPHA_BIAS_INIT))
+        self.main_init = MemoryInit(cfg.main_memory, H, dh, dh, cfg.memory_expansion, identity=False)
+        n_mem = 5 if self.adaptive else 1
+        # momentum beta in (0, 1): a learned scalar per head and per memory (order: k, v, eta, alpha, mem)
+        self.beta_logit = nn.Parameter(torch.full((H, n_mem), BETA_LOGIT))
+        self.out_norm = nn.Parameter(torch.ones(H, dh))
+        self.w_g = nn.Linear(d, H * dh, bias=False)
+        self.w_o = nn.Linear(H * dh, d, bias=False)
+
+    # -- pieces shared with the sequential reference -------------------------------------------
+    def queries(self, x):
+        return l2norm(to_rows(F.silu(self.conv_q(self.w_q(x))), self.H))
+
+    def inputs(self, x):
+        """Adaptive: rows of ``u``. Static: rows of ``(k, v, eta, alpha)``."""
+        if self.adaptive:
+            return to_rows(F.silu(self.conv_u(self.w_u(x))), self.H)
+        k = l2norm(to_rows(F.silu(self.conv_k(self.w_k(x))), self.H))
+        v = to_rows(F.silu(self.conv_v(self.w_v(x))), self.H)
+        eta = self.gate_eta(to_rows(self.w_eta(x), self.H)[..., 0], x.shape[0])
+        alpha = self.gate_alpha(to_rows(self.w_alpha(x), self.H)[..., 0], x.shape[0])
+        return k, v, eta, alpha
+
+    def _row_bias(self, bias, batch):
+        return bias.repeat(batch)[:, None]                   # rows are batch-major: (B*H, 1)
+
+    def gate_eta(self, raw, batch):
+        return self.cfg.eta_max * torch.sigmoid(raw + self._row_bias(self.eta_bias, batch))
+
+    def gate_alpha(self, raw, batch):
+        return torch.sigmoid(raw + self._row_bias(self.alpha_bias, batch))
+
+    def betas(self, batch):
+        """``(n_mem, B*H)``: momentum coefficient of each memory for every row."""
+        return torch.sigmoid(self.beta_logit).t().repeat(1, batch)
+
+    def initial(self, batch):
+        states = {"mem": self.main_init.expand(batch)}
+        if self.adaptive:
+            states.update({m: self.proj_init[m].expand(batch) for m in PROJ_MEMORIES})
+        moms = {m: (tuple(torch.zeros_like(w) for w in s) if self.cfg.momentum else None)
+                for m, s in states.items()}
+        return states, moms
+
+    def project(self, states, u, batch):
+        """Reads of the projection memories at their chunk-start states: ``k, v, eta, alpha``."""
+        k = l2norm(memory_read(self.proj_spec, states["k"], u))
+        v = memory_read(self.proj_spec, states["v"], u)
+        eta = self.gate_eta(memory_read(self.proj_spec, states["eta"], u)[..., 0], batch)
+        alpha = self.gate_alpha(memory_read(self.proj_spec, states["alpha"], u)[..., 0], batch)
+        return k, v, eta, alpha
+
+    def target(self, spec, ref_state, v):
+        """Self-generated target ``vhat = M_ref(v)`` (Eq. 84-85) or the plain target ``v``."""
+        return memory_read(spec, ref_state, v) if self.cfg.self_targets else v
+
+    def output(self, o_rows, x):
+        """Per-head RMSNorm, output gate ``sigmoid(x W_g)`` and ``W_o``."""
+        B = x.shape[0]
+        o = o_rows * torch.rsqrt(o_rows.pow(2).mean(-1, keepdim=True) + self.cfg.norm_eps)
+        o = o * self.out_norm.repeat(B, 1)[:, None, :]
+        return self.w_o(from_rows(o, B) * torch.sigmoid(self.w_g(x)))
+
+    # -- chunk-parallel forward -----------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        impl = resolve_memory_impl(self.cfg.memory_impl, x.device)
+        states, moms = self.initial(B)
+        betas = self.betas(B)
+        q = self.queries(x)
+        if self.adaptive:
+            k, v, eta, alpha = self._projection_pass(self.inputs(x), states, moms, betas, B, impl)
+        else:
+            k, v, eta, alpha = self.inputs(x)
+        spec, C = self.main_spec, self.cfg.chunk_mem
+        state, mom, outs = states["mem"], moms["mem"], []
+        beta = betas[-1] if self.cfg.momentum else None
+        for s in range(0, T, C):
+            e = min(s + C, T)
+            vhat = self.target(spec, state, v[:, s:e])
+            o, state, mom = memory_chunk(spec, state, mom, k[:, s:e], vhat, eta[:, s:e], alpha[:, s:e],
+                                         beta, q[:, s:e], impl=impl)
+            outs.append(o)
+        return self.output(torch.cat(outs, 1), x)
+
+    def _projection_pass(self, u, states, moms, betas, batch, impl):
+        """Run the four projection memories over the sequence in chunks of ``chunk_proj``."""
+        T, C, spec = u.shape[1], self.cfg.chunk_proj, self.proj_spec
+        pieces = []
+        for s in range(0, T, C):
+            e = min(s + C, T)
+            k, v, eta, alpha = self.project(states, u[:, s:e], batch)
+            for i, m in enumerate(PROJ_MEMORIES):
+                vhat = self.target(spec, states[m], v)
+                beta = betas[i] if self.cfg.momentum else None
+                _, states[m], moms[m] = memory_chunk(spec, states[m], moms[m], k, vhat, eta, alpha, beta,
+                                                     None, impl=impl)
+            pieces.append((k, v, eta, alpha))
+        return [torch.cat(p, 1) for p in zip(*pieces)]

@@ -1,0 +1,77 @@
+"""Model presets: ``<family>-<size>`` (DESIGN.md §4.5; Titans Table 5 dimensions).
+
+Sizes 340m / 760m / 1.3b follow the paper's table (32K vocabulary, 4K context); 3b and 7b go beyond
+it; ``tiny`` trains on a laptop CPU in minutes. The width of the CMS step levels (``STEP_EXPANSION``)
+is chosen per family and size so that the counted parameters land within 5% of the preset's name
+(printed by ``nl-pretrain info``, checked in tests/test_presets.py).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+SIZES = {
+    #        layers  d     heads  vocab  seq   peak lr  tokens in the paper
+    "tiny": (2, 128, 4, 4096, 256, 3e-3, None),
+    "340m": (24, 1024, 16, 32000, 4096, 1.5e-3, 15e9),
+    "760m": (24, 1536, 16, 32000, 4096, 1.25e-3, 30e9),
+    "1.3b": (18, 2048, 8, 32000, 4096, 7e-4, 100e9),
+    "3b": (32, 2560, 20, 32000, 4096, 5e-4, None),
+    "7b": (32, 4096, 32, 32000, 4096, 3e-4, None),
+}
+TARGET_PARAMS = {"340m": 340e6, "760m": 760e6, "1.3b": 1.3e9, "3b": 3e9, "7b": 7e9}
+
+FAMILIES = {
+    # HOPE: adaptive projection memories, self-generated targets, dgd + momentum, linear projection
+    # memories with the exact running gradient, an MLP main memory; CMS = context level + two step levels.
+    "hope": dict(adaptive_projections=True, self_targets=True, proj_memory="linear", main_memory="mlp",
+                 rule="dgd", inner_loss="l2", linear_grad="running", momentum=True),
+    "hope_attention": dict(adaptive_projections=True, self_targets=True),
+    "transformer": dict(),
+    # Titans LMM: static projections, plain targets, gd, MLP memory, momentum, decay.
+    "titans": dict(adaptive_projections=False, self_targets=False, main_memory="mlp", rule="gd",
+                   inner_loss="l2", momentum=True),
+    # Gated DeltaNet: static projections, plain targets, gd + running gradient on a linear memory
+    # (= the gated delta rule), no momentum, no continuum levels (one ordinary SwiGLU MLP).
+    "gated_deltanet": dict(adaptive_projections=False, self_targets=False, main_memory="linear", rule="gd",
+                           inner_loss="l2", linear_grad="running", momentum=False),
+}
+
+# Step-level expansion (hidden = e * d) per family and size, solved from the parameter budget.
+STEP_EXPANSION = {
+    "hope": {"tiny": 2.0, "340m": 0.923, "760m": 0.838, "1.3b": 1.37, "3b": 1.167, "7b": 1.036},
+    "hope_attention": {"tiny": 2.0, "340m": 0.987, "760m": 0.902, "1.3b": 1.496, "3b": 1.218, "7b": 1.068},
+    "transformer": {"tiny": 4.0, "340m": 2.735, "760m": 2.562, "1.3b": 3.827, "3b": 3.174, "7b": 2.85},
+    "titans": {"tiny": 4.0, "340m": 2.304, "760m": 2.135, "1.3b": 3.323, "3b": 2.767, "7b": 2.469},
+    "gated_deltanet": {"tiny": 4.0, "340m": 2.367, "760m": 2.198, "1.3b": 3.448, "3b": 2.817, "7b": 2.5},
+}
+TIED = {"tiny": True, "340m": True, "760m": False, "1.3b": False, "3b": False, "7b": False}
+
+
+def _cms(family: str, size: str, chunk: int):
+    e = STEP_EXPANSION[family][size]
+    if family in ("hope", "hope_attention"):
+        return [dict(kind="context", period=chunk, expansion=2.0),
+                dict(kind="step", period=1, expansion=e),
+                dict(kind="step", period=4, expansion=e, lr_scale=1.0)]
+    return [dict(kind="step", period=1, expansion=e)]
+
+
+def preset_names():
+    return [f"{f}-{s}" for f in FAMILIES for s in SIZES]
+
+
+def preset_model_dict(name: str) -> Dict[str, Any]:
+    family, _, size = name.rpartition("-")
+    if family not in FAMILIES or size not in SIZES:
+        raise ValueError(f"unknown preset '{name}'; choose one of: {', '.join(preset_names())}")
+    layers, d, heads, vocab, seq, _, _ = SIZES[size]
+    chunk = 16 if size == "tiny" else 64
+    out = dict(preset=name, family=family, vocab_size=vocab, d_model=d, n_layers=layers, n_heads=heads,
+               max_seq_len=seq, tie_embeddings=TIED[size], chunk_mem=chunk, chunk_proj=chunk,
+               cms=_cms(family, size, chunk))
+    out.update(FAMILIES[family])
+    return out
+
+
+def preset_lr(name: str) -> float:
+    return SIZES[name.rpartition("-")[2]][5]
