@@ -1,0 +1,196 @@
+"""Triton implementation of :func:`kernels.memory.interface.memory_chunk`.
+
+Composes the ``affine_rank1_chunk`` kernels (:mod:`kernels.memory.triton_affine`) exactly like
+:func:`kernels.memory.chunk_torch.memory_chunk` composes its PyTorch form: a linear memory is one
+call; an MLP memory is W2 (the weight that reads k, where the dgd preconditioner acts) and then W1
+(written with key ``silu(W2_ref k)``, read with ``silu`` of the W2 reads). The per-chunk gradient
+preparation (``-eta (W0 k - vhat)``, the MLP chunk-start gradients) stays in PyTorch matmuls.
+
+Precision: states, momenta, decay and every accumulation are fp32; k/q may be bf16 (loaded and
+upcast inside the kernel, dots in tf32 on GPU, IEEE fp32 for fp32 inputs). New states and momenta
+come back fp32, reads in ``q``'s dtype.
+
+Autograd: :class:`AffineRank1Chunk` saves only its inputs (the chunk-start state and the chunk's
+tokens) and its backward kernel recomputes the chunk's c x c matrices, the solve and the reads, so
+activation memory is O(T/C x state) plus the per-token inputs. No double backward.
+
+Imports on any machine that has triton; runs on CUDA tensors, or on CPU tensors when
+``TRITON_INTERPRET=1`` was set before Python started.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from kernels.memory.interface import MemorySpec, memory_read
+from kernels.memory.naive import silu_grad
+from kernels.memory.triton_affine import affine_bwd_kernel, affine_fwd_kernel
+
+MAX_CHUNK = 64
+TILE_CAP = {"o": 64, "d": 64}   # upper bounds of the column / input tiles (tests lower them to 16)
+
+
+def _blocks(c: int, o: int, d: int):
+    """Tile sizes: the whole chunk in one tile (forward substitution over its rows), output columns
+    in blocks of <= 64, the input dimension looped in tiles of <= 64. tl.dot needs >= 16."""
+    if c > MAX_CHUNK:
+        raise ValueError(f"chunk length {c} exceeds the Triton kernel's limit {MAX_CHUNK}; use chunk <= {MAX_CHUNK}")
+    bc = max(16, triton.next_power_of_2(c))
+    bo = max(16, min(TILE_CAP["o"], triton.next_power_of_2(o)))
+    bd = max(16, min(TILE_CAP["d"], triton.next_power_of_2(d)))
+    return bc, bo, bd, (4 if bc <= 32 else 8)
+
+
+def _lastdim_contig(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if x is None:
+        return None
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class AffineRank1Chunk(torch.autograd.Function):
+    """``(reads, W_new, S_new)`` of one weight matrix over one chunk; ``reads``/``S_new`` are empty
+    tensors when ``Q``/momentum are absent (see :func:`affine_rank1_chunk`)."""
+
+    @staticmethod
+    def forward(ctx, W0, S0, K, Q, cv, rho, w, log_alpha, beta):
+        W0 = W0.contiguous()
+        S0 = S0.contiguous() if S0 is not None else None
+        K, Q = _lastdim_contig(K), _lastdim_contig(Q)
+        cv, rho = _lastdim_contig(cv), _lastdim_contig(rho)
+        w, log_alpha = w.contiguous(), _lastdim_contig(log_alpha)
+        beta = beta.contiguous() if beta is not None else None
+        N, o, d = W0.shape
+        c = K.shape[1]
+        bc, bo, bd, warps = _blocks(c, o, d)
+        f32 = dict(device=W0.device, dtype=torch.float32)
+        has_q, has_mom = Q is not None, beta is not None
+        reads = torch.empty(N, c, o, **f32) if has_q else torch.empty(0, **f32)
+        W_new = torch.empty(N, o, d, **f32)
+        S_new = torch.empty(N, o, d, **f32) if has_mom else torch.empty(0, **f32)
+        prec = "ieee" if all(t.dtype == torch.float32 for t in (W0, K, w) + ((Q,) if has_q else ())) else "tf32"
+        grid = (N, triton.cdiv(o, bo))
+        Qp = Q if has_q else K
+        affine_fwd_kernel[grid](
+            W0, S0 if has_mom else W0, K, Qp, cv if cv is not None else log_alpha,
+            rho if rho is not None else log_alpha, w, log_alpha, beta if has_mom else log_alpha,
+            reads if has_q else W_new, W_new, S_new if has_mom else W_new,
+            c, o, d,
+            o * d, K.stride(0), K.stride(1), Qp.stride(0), Qp.stride(1), w.stride(0), w.stride(1),
+            c * o, o, (cv if cv is not None else log_alpha).stride(0),
+            (rho if rho is not None else log_alpha).stride(0), log_alpha.stride(0),
+            HAS_C=cv is not None, HAS_RHO=rho is not None, HAS_MOM=has_mom, HAS_Q=has_q,
+            BC=bc, BO=bo, BD=bd, PREC=prec, num_warps=warps,
+        )
+        ctx.save_for_backward(W0, S0, K, Q, cv, rho, w, log_alpha, beta)
+        ctx.meta = (bc, bo, bd, warps, prec)
+        return reads, W_new, S_new
+
+    @staticmethod
+    def backward(ctx, dR, dWn, dSn):
+        W0, S0, K, Q, cv, rho, w, log_alpha, beta = ctx.saved_tensors
+        bc, bo, bd, warps, prec = ctx.meta
+        N, o, d = W0.shape
+        c = K.shape[1]
+        nob = triton.cdiv(o, bo)
+        has_q, has_mom = Q is not None, beta is not None
+        f32 = dict(device=W0.device, dtype=torch.float32)
+        zeros_state = torch.zeros(N, o, d, **f32)
+        dWn = dWn.contiguous() if dWn is not None else zeros_state
+        dSn = dSn.contiguous() if (has_mom and dSn is not None) else zeros_state
+        dR = dR.contiguous() if (has_q and dR is not None) else torch.zeros(N, c, o, **f32)
+        dW0 = torch.empty(N, o, d, **f32)
+        dS0 = torch.empty(N, o, d, **f32) if has_mom else dW0
+        dw = torch.empty(N, c, o, **f32)
+        dK = torch.empty(nob, N, c, d, **f32)
+        dQ = torch.empty(nob, N, c, d, **f32) if has_q else dK
+        dcv = torch.empty(nob, N, c, **f32) if cv is not None else dw
+        drho = torch.empty(nob, N, c, **f32) if rho is not None else dw
+        dla = torch.empty(nob, N, c, **f32)
+        dbeta = torch.empty(nob, N, **f32) if has_mom else dla
+        Qp = Q if has_q else K
+        dummy = log_alpha
+        affine_bwd_kernel[(N, nob)](
+            W0, S0 if has_mom else W0, K, Qp, cv if cv is not None else dummy,
+            rho if rho is not None else dummy, w, log_alpha, beta if has_mom else dummy,
+            dR, dWn, dSn,
+            dW0, dS0, dw, dK, dQ, dcv, drho, dla, dbeta,
+            c, o, d, N,
+            o * d, K.stride(0), K.stride(1), Qp.stride(0), Qp.stride(1), w.stride(0), w.stride(1),
+            c * o, o, (cv if cv is not None else dummy).stride(0),
+            (rho if rho is not None else dummy).stride(0), log_alpha.stride(0),
+            HAS_C=cv is not None, HAS_RHO=rho is not None, HAS_MOM=has_mom, HAS_Q=has_q,
+            BC=bc, BO=bo, BD=bd, PREC=prec, num_warps=warps,
+        )
+
+        def out(x, like, need):
+            return x.to(like.dtype) if (need and like is not None) else None
+
+        ng = ctx.needs_input_grad
+        return (
+            out(dW0, W0, ng[0]),
+            out(dS0, S0, ng[1] and has_mom),
+            out(dK.sum(0), K, ng[2]),
+            out(dQ.sum(0), Q, ng[3] and has_q),
+            out(dcv.sum(0), cv, ng[4] and cv is not None),
+            out(drho.sum(0), rho, ng[5] and rho is not None),
+            out(dw, w, ng[6]),
+            out(dla.sum(0), log_alpha, ng[7]),
+            out(dbeta.sum(0), beta, ng[8] and has_mom),
+        )
+
+
+def affine_rank1_chunk(W0, S0, K, Q, c, rho, w, log_alpha, beta):
+    """Same contract as :func:`kernels.memory.chunk_torch.affine_rank1_chunk` (Triton kernels).
+
+    ``W0, S0: (N, o, d)``; ``K, Q: (N, c, d)``; ``c, rho: (N, c)`` or None; ``w: (N, c, o)``;
+    ``log_alpha: (N, c)``; ``beta: (N,)`` or None (then ``S0`` is ignored). Returns
+    ``(reads (N, c, o) fp32 or None, W_new fp32, S_new fp32 or None)``.
+    """
+    if beta is None:
+        S0 = None
+    elif S0 is None:
+        S0 = torch.zeros_like(W0)
+    reads, W_new, S_new = AffineRank1Chunk.apply(W0, S0, K, Q, c, rho, w, log_alpha, beta)
+    return (reads if Q is not None else None), W_new, (S_new if beta is not None else None)
+
+
+def memory_chunk(spec: MemorySpec, state, mom, k, vhat, eta, alpha, beta, q=None):
+    """Triton equivalent of :func:`kernels.memory.chunk_torch.memory_chunk` (same contract)."""
+    state = tuple(s.float() for s in state)
+    mom = tuple(s.float() for s in mom) if mom is not None else None
+    eta, log_alpha = eta.float(), alpha.float().log()
+    dgd_c = eta if spec.rule == "dgd" else None
+    b = beta.float() if spec.momentum else None
+    if spec.kind == "linear":
+        (W0,) = state
+        S0 = mom[0] if mom is not None else None
+        vh = vhat.float()
+        if spec.loss == "dot":                     # grad = -vhat k^T, state free
+            w, rho = eta[..., None] * vh, None
+        elif spec.grad_at == "running":            # grad at M_{t-1}: -(y_i - vhat_i) k_i^T
+            w, rho = eta[..., None] * vh, -eta
+        else:                                      # grad at M_ref = W0
+            w, rho = -eta[..., None] * (k.float() @ W0.transpose(1, 2) - vh), None
+        reads, W, S = affine_rank1_chunk(W0, S0, k, q, dgd_c, rho, w, log_alpha, b)
+        reads = reads.to(q.dtype) if reads is not None else None
+        return reads, (W,), ((S,) if S is not None else None)
+
+    W1, W2 = state
+    S1, S2 = mom if mom is not None else (None, None)
+    kf = k.float()
+    a = kf @ W2.transpose(1, 2)                    # all gradients at M_ref (chunk start)
+    h = F.silu(a)
+    r = memory_read(spec, state, kf) - vhat.float() if spec.loss == "l2" else -vhat.float()
+    g2 = (r @ W1) * silu_grad(a)                   # dl/d(W2 k), so grad W2 = g2 k^T
+    hq_pre, W2n, S2n = affine_rank1_chunk(W2, S2, k, q, dgd_c, None, -eta[..., None] * g2, log_alpha, b)
+    q1 = F.silu(hq_pre) if q is not None else None
+    reads1, W1n, S1n = affine_rank1_chunk(W1, S1, h, q1, None, None, -eta[..., None] * r, log_alpha, b)
+    reads = None
+    if q is not None:
+        residual = spec.residual and W1.shape[1] == W2.shape[2]
+        reads = (reads1 + q.float() if residual else reads1).to(q.dtype)
+    new_mom = (S1n, S2n) if spec.momentum else None
+    return reads, (W1n, W2n), new_mom
