@@ -55,6 +55,7 @@ class ModelConfig:
     chunk_mem: int = 16
     chunk_proj: int = 16
     eta_max: float = 1.0
+    eta_chunk_mean: bool = True   # chunk-start-gradient memories use eta_t / C (the chunk's mean gradient)
     conv_kernel: int = 4
     memory_impl: str = "auto"     # auto | torch | triton | reference
     # Continuum Memory System (§4.3); transformer: one step level with period 1

@@ -21,11 +21,13 @@ SIZES = {
 TARGET_PARAMS = {"340m": 340e6, "760m": 760e6, "1.3b": 1.3e9, "3b": 3e9, "7b": 7e9}
 
 FAMILIES = {
-    # HOPE: adaptive projection memories, self-generated targets, dgd + momentum, linear projection
-    # memories with the exact running gradient, an MLP main memory; CMS = context level + two step levels.
+    # HOPE: adaptive projection memories, self-generated targets, momentum, linear projection
+    # memories with the exact running gradient, an MLP main memory; CMS = context level + two step
+    # levels. Rule gd + L2: on the linear memories this is exactly dgd + dot, the delta rule; dgd + L2
+    # erases twice and halves self-generated targets every chunk (docs/MODEL.md, "Rules").
     "hope": dict(adaptive_projections=True, self_targets=True, proj_memory="linear", main_memory="mlp",
-                 rule="dgd", inner_loss="l2", linear_grad="running", momentum=True),
-    "hope_attention": dict(adaptive_projections=True, self_targets=True),
+                 rule="gd", inner_loss="l2", linear_grad="running", momentum=True),
+    "hope_attention": dict(),
     "transformer": dict(),
     # Titans LMM: static projections, plain targets, gd, MLP memory, momentum, decay.
     "titans": dict(adaptive_projections=False, self_targets=False, main_memory="mlp", rule="gd",

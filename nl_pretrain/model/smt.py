@@ -83,7 +83,9 @@ class SelfModifyingTitans(nn.Module):
     def inputs(self, x):
         """Adaptive: rows of ``u``. Static: rows of ``(k, v, eta, alpha)``."""
         if self.adaptive:
-            return to_rows(F.silu(self.conv_u(self.w_u(x))), self.H)
+            # u is l2-normalised (like q): reads of the projection memories stay bounded by their
+            # state, which the self-referential targets M(M_v(u)) would otherwise amplify (MODEL.md)
+            return l2norm(to_rows(F.silu(self.conv_u(self.w_u(x))), self.H))
         k = l2norm(to_rows(F.silu(self.conv_k(self.w_k(x))), self.H))
         v = to_rows(F.silu(self.conv_v(self.w_v(x))), self.H)
         eta = self.gate_eta(to_rows(self.w_eta(x), self.H)[..., 0], x.shape[0])
@@ -98,6 +100,13 @@ class SelfModifyingTitans(nn.Module):
 
     def gate_alpha(self, raw, batch):
         return torch.sigmoid(raw + self._row_bias(self.alpha_bias, batch))
+
+    def chunk_eta(self, spec, eta, chunk):
+        """The learning rate a memory sees: ``eta_t / C`` when its gradients are taken at the chunk
+        start and ``eta_chunk_mean`` is on (C identical-state steps would otherwise overshoot)."""
+        if self.cfg.eta_chunk_mean and spec.grad_at == "chunk_start":
+            return eta / chunk
+        return eta
 
     def betas(self, batch):
         """``(n_mem, B*H)``: momentum coefficient of each memory for every row."""
@@ -120,8 +129,11 @@ class SelfModifyingTitans(nn.Module):
         return k, v, eta, alpha
 
     def target(self, spec, ref_state, v):
-        """Self-generated target ``vhat = M_ref(v)`` (Eq. 84-85) or the plain target ``v``."""
-        return memory_read(spec, ref_state, v) if self.cfg.self_targets else v
+        """Self-generated target ``vhat = M_ref(v / |v|)`` (Eq. 84-85) or the plain target ``v``.
+
+        The value is l2-normalised before the memory reads it: with raw ``v`` a memory's gain is
+        multiplied by ``|v|`` every chunk and the eta/alpha memories run off to +-inf (MODEL.md)."""
+        return memory_read(spec, ref_state, l2norm(v)) if self.cfg.self_targets else v
 
     def output(self, o_rows, x):
         """Per-head RMSNorm, output gate ``sigmoid(x W_g)`` and ``W_o``."""
@@ -147,7 +159,8 @@ class SelfModifyingTitans(nn.Module):
         for s in range(0, T, C):
             e = min(s + C, T)
             vhat = self.target(spec, state, v[:, s:e])
-            o, state, mom = memory_chunk(spec, state, mom, k[:, s:e], vhat, eta[:, s:e], alpha[:, s:e],
+            eta_c = self.chunk_eta(spec, eta[:, s:e], C)
+            o, state, mom = memory_chunk(spec, state, mom, k[:, s:e], vhat, eta_c, alpha[:, s:e],
                                          beta, q[:, s:e], impl=impl)
             outs.append(o)
         return self.output(torch.cat(outs, 1), x)
@@ -159,10 +172,11 @@ class SelfModifyingTitans(nn.Module):
         for s in range(0, T, C):
             e = min(s + C, T)
             k, v, eta, alpha = self.project(states, u[:, s:e], batch)
+            eta_m = self.chunk_eta(spec, eta, C)
             for i, m in enumerate(PROJ_MEMORIES):
                 vhat = self.target(spec, states[m], v)
                 beta = betas[i] if self.cfg.momentum else None
-                _, states[m], moms[m] = memory_chunk(spec, states[m], moms[m], k, vhat, eta, alpha, beta,
+                _, states[m], moms[m] = memory_chunk(spec, states[m], moms[m], k, vhat, eta_m, alpha, beta,
                                                      None, impl=impl)
             pieces.append((k, v, eta, alpha))
         return [torch.cat(p, 1) for p in zip(*pieces)]

@@ -12,6 +12,7 @@ import torch
 
 from kernels.memory.interface import memory_read
 from kernels.memory.naive import inner_grad, write
+from nl_pretrain.model.layers import l2norm
 from nl_pretrain.model.smt import PROJ_MEMORIES
 
 
@@ -35,25 +36,27 @@ def smt_sequential(layer, x: torch.Tensor) -> torch.Tensor:
             u = inp[:, t]
             spec = layer.proj_spec
             k = _one(spec, ref["k"], u)
-            k = k * torch.rsqrt(k.pow(2).sum(-1, keepdim=True) + 1e-6)
+            k = l2norm(k)
             v = _one(spec, ref["v"], u)
             eta = layer.gate_eta(_one(spec, ref["eta"], u), B)[:, 0]
             alpha = layer.gate_alpha(_one(spec, ref["alpha"], u), B)[:, 0]
             for i, m in enumerate(PROJ_MEMORIES):
-                vhat = _one(spec, ref[m], v) if cfg.self_targets else v
+                vhat = _one(spec, ref[m], l2norm(v)) if cfg.self_targets else v
                 at = states[m] if spec.grad_at == "running" else ref[m]
                 step = inner_grad(spec, at, k, vhat)
                 beta = betas[i] if cfg.momentum else None
-                states[m], moms[m] = write(spec, states[m], moms[m], step, k, eta, alpha, beta)
+                eta_m = layer.chunk_eta(spec, eta, cfg.chunk_proj)
+                states[m], moms[m] = write(spec, states[m], moms[m], step, k, eta_m, alpha, beta)
         else:
             k, v, eta, alpha = (z[:, t] for z in inp)
         spec = layer.main_spec
         if t % cfg.chunk_mem == 0:
             ref["mem"] = states["mem"]
         outs.append(_one(spec, states["mem"], q[:, t]))          # read before the write
-        vhat = _one(spec, ref["mem"], v) if cfg.self_targets else v
+        vhat = _one(spec, ref["mem"], l2norm(v)) if cfg.self_targets else v
         at = states["mem"] if spec.grad_at == "running" else ref["mem"]
         step = inner_grad(spec, at, k, vhat)
         beta = betas[-1] if cfg.momentum else None
-        states["mem"], moms["mem"] = write(spec, states["mem"], moms["mem"], step, k, eta, alpha, beta)
+        eta_m = layer.chunk_eta(spec, eta, cfg.chunk_mem)
+        states["mem"], moms["mem"] = write(spec, states["mem"], moms["mem"], step, k, eta_m, alpha, beta)
     return layer.output(torch.stack(outs, 1), x)

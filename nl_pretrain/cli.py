@@ -1,0 +1,89 @@
+"""``nl-pretrain``: train, info, prepare-data."""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import OrderedDict
+
+from nl_pretrain.config import ConfigError, load_config
+
+
+def count_parameters(model_cfg) -> "OrderedDict[str, int]":
+    """Parameters per component, built on the meta device (no memory, any size)."""
+    import torch
+    from nl_pretrain.model import LanguageModel
+    with torch.device("meta"):
+        model = LanguageModel(model_cfg)
+    counts: "OrderedDict[str, int]" = OrderedDict()
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if parts[0] == "blocks":
+            if parts[2] == "levels":
+                lvl = model_cfg.cms[int(parts[3])]
+                key = f"cms[{parts[3]}] {lvl.kind} (period {lvl.period})"
+            elif parts[2] == "mixer":
+                key = "mixer: " + ("attention" if model_cfg.family in ("transformer", "hope_attention")
+                                   else "self-modifying titans")
+            else:
+                key = "norms"
+        else:
+            key = {"embed": "embedding", "lm_head": "lm head", "norm": "norms"}[parts[0]]
+        counts[key] = counts.get(key, 0) + p.numel()
+    return counts
+
+
+def cmd_info(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    counts = count_parameters(cfg.model)
+    m = cfg.model
+    print(f"model {m.preset or m.family}: {m.n_layers} layers, d={m.d_model}, {m.n_heads} heads, "
+          f"vocab {m.vocab_size}, tied embeddings {m.tie_embeddings}")
+    for k, v in counts.items():
+        print(f"  {k:38s} {v:>15,}")
+    print(f"parameters: {sum(counts.values())}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from nl_pretrain.train.loop import train
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg)
+    if "val_loss" in summary:
+        print(f"done: held-out loss {summary['val_loss']:.4f} (perplexity {summary['val_ppl']:.2f}), "
+              f"checkpoint {summary.get('checkpoint', '-')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nl-pretrain", description="Pretraining for HOPE and its baselines")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, fn, help_ in (("train", cmd_train, "train a model"),
+                            ("info", cmd_info, "print parameter counts of a config")):
+        s = sub.add_parser(name, help=help_,
+                           epilog="any --section.key=value after the options overrides the config")
+        s.add_argument("--config", help="YAML file (see configs/)")
+        s.set_defaults(func=fn)
+    try:
+        from data_pipeline import cli as data_cli
+        data_cli.register(sub)
+    except ImportError:
+        pass
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    args.overrides = [r for r in rest]
+    if rest and args.command not in ("train", "info"):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

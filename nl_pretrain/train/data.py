@@ -1,0 +1,57 @@
+"""Where training batches come from: a prepared dataset (data_pipeline) or the built-in byte corpus."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from nl_pretrain.train.byte_corpus import ByteCorpus
+
+
+@dataclass
+class DataSource:
+    vocab_size: int
+    train: Iterator[dict]
+    make_val: Callable[[], Iterator[dict]]
+    description: str
+    state: Callable[[], dict]
+    loader: Optional[object] = None
+
+
+def build_data(cfg, micro_batch_size: int, seed: int, dp_rank: int = 0, dp_size: int = 1) -> DataSource:
+    d = cfg.data
+    if d.dataset:
+        if not Path(d.dataset).is_dir():
+            raise FileNotFoundError(f"data.dataset '{d.dataset}' does not exist; prepare it first with "
+                                    f"`nl-pretrain prepare-data --out {d.dataset}` or leave data.dataset empty "
+                                    f"for the built-in byte corpus")
+        from data_pipeline import TokenLoader
+        train = TokenLoader(d.dataset, "train", micro_batch_size, dp_rank, dp_size, seed=seed,
+                            num_workers=d.num_workers, loop=True)
+        if train.seq_len != d.seq_len:
+            raise ValueError(f"data.seq_len ({d.seq_len}) differs from the dataset's seq_len ({train.seq_len}) "
+                             f"in {d.dataset}; set --data.seq_len={train.seq_len} or prepare the data again")
+
+        def make_val():
+            return iter(TokenLoader(d.dataset, "val", micro_batch_size, dp_rank, dp_size, seed=seed, loop=False))
+        return DataSource(train.vocab_size, iter(train), make_val,
+                          f"dataset {d.dataset} ({train.num_samples} train sequences of {train.seq_len})",
+                          train.state_dict, loader=train)
+    tr = ByteCorpus(d.source, "train", d.seq_len, d.val_fraction, d.max_documents)
+    va = ByteCorpus(d.source, "val", d.seq_len, d.val_fraction, d.max_documents) if d.val_fraction > 0 else None
+    consumed = {"samples": 0}
+
+    def train_iter():
+        for batch in tr.batches(micro_batch_size, seed):
+            consumed["samples"] = batch.pop("samples_consumed")
+            yield batch
+
+    def make_val():
+        if va is None:
+            return iter(())
+        return ({k: v for k, v in b.items() if k != "samples_consumed"}
+                for b in va.batches(micro_batch_size, seed, loop=False))
+    desc = (f"byte corpus '{d.source}': {tr.num_documents} train documents, {tr.num_windows} sequences of "
+            f"{d.seq_len} ({tr.dropped_tokens} tail tokens unused)")
+    return DataSource(tr.vocab_size, train_iter(), make_val, desc,
+                      lambda: {"samples_consumed": consumed["samples"], "seed": seed})

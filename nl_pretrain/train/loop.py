@@ -1,0 +1,174 @@
+"""The single-process training loop: data -> model -> AdamW(+CMS step levels) -> logs, eval, checkpoint."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nl_pretrain.config import RunConfig, dump_config
+from nl_pretrain.model import LanguageModel
+from nl_pretrain.optim import ModelOptimizer, lr_at
+from nl_pretrain.train.checkpoint import save_checkpoint
+from nl_pretrain.train.data import build_data
+from nl_pretrain.train.flops import device_peak_tflops, flops_per_token
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible; use --train.device=cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def evaluate(model, batches, device, n_batches: int, autocast) -> dict:
+    model.eval()
+    total, count = 0.0, 0
+    for i, b in enumerate(batches):
+        if i >= n_batches:
+            break
+        labels = b["labels"].to(device)
+        with autocast():
+            logits = model(b["input_ids"].to(device), b["doc_ids"].to(device))
+        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1),
+                                                 ignore_index=-100, reduction="sum")
+        total += float(loss)
+        count += int((labels != -100).sum())
+    model.train()
+    if count == 0:
+        return {}
+    val = total / count
+    return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0)), "val_tokens": count}
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path):
+        self.file = open(run_dir / "metrics.jsonl", "a")
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+        except Exception as exc:  # tensorboard missing: metrics.jsonl still has everything
+            print(f"warning: TensorBoard disabled ({exc})")
+
+    def write(self, step: int, values: dict) -> None:
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self):
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(cfg: RunConfig) -> dict:
+    t_cfg = cfg.train
+    if t_cfg.threads:
+        torch.set_num_threads(t_cfg.threads)
+    seed_everything(t_cfg.seed)
+    device = pick_device(t_cfg.device)
+    data = build_data(cfg, t_cfg.micro_batch_size, t_cfg.seed)
+    if data.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's vocabulary "
+                         f"({data.vocab_size}); set --model.vocab_size={data.vocab_size}")
+    run_dir = Path(t_cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+
+    model = LanguageModel(cfg.model).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = ModelOptimizer(model, cfg.optim, cfg.model.cms)
+    tokens_per_step = t_cfg.micro_batch_size * t_cfg.grad_accum * cfg.data.seq_len
+    fpt = flops_per_token(cfg.model, n_params, cfg.data.seq_len)
+    peak = device_peak_tflops(device)
+    bf16 = t_cfg.precision == "bf16"
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    print(f"model {cfg.model.preset or cfg.model.family}: {n_params:,} parameters on {device}; {data.description}")
+    print(f"run dir {run_dir}; {t_cfg.steps} steps x {tokens_per_step} tokens")
+    log = MetricsLog(run_dir)
+    from tqdm import tqdm
+    bar = tqdm(total=t_cfg.steps, disable=not t_cfg.progress, dynamic_ncols=True, unit="step")
+    summary = {"parameters": n_params}
+    window_tokens, window_start, start = 0, time.perf_counter(), time.perf_counter()
+    loss_hist = []
+    for step in range(t_cfg.steps):
+        lr = lr_at(step, cfg.optim, t_cfg.steps)
+        step_loss = 0.0
+        for _ in range(t_cfg.grad_accum):
+            b = next(data.train)
+            with autocast():
+                loss = model.loss(b["input_ids"].to(device), b["labels"].to(device), b["doc_ids"].to(device))
+            (loss / t_cfg.grad_accum).backward()
+            step_loss += float(loss) / t_cfg.grad_accum
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"loss is {step_loss} at step {step}; lower --optim.lr (now {cfg.optim.lr}) "
+                                     f"or use --train.precision=fp32")
+        grad_norm = opt.step(step, lr)
+        opt.zero_grad()
+        loss_hist.append(step_loss)
+        window_tokens += tokens_per_step
+        bar.update(1)
+        if (step + 1) % t_cfg.log_every == 0 or step + 1 == t_cfg.steps:
+            now = time.perf_counter()
+            tps = window_tokens / max(now - window_start, 1e-9)
+            rec = {"loss": sum(loss_hist[-t_cfg.log_every:]) / len(loss_hist[-t_cfg.log_every:]), "lr": lr,
+                   "grad_norm": grad_norm, "tokens_per_s": tps, "tokens": (step + 1) * tokens_per_step,
+                   "elapsed_s": now - start}
+            if peak:
+                rec["mfu"] = tps * fpt / (peak * 1e12)
+            log.write(step + 1, rec)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
+            if not t_cfg.progress:
+                print(f"step {step + 1}/{t_cfg.steps} loss {rec['loss']:.4f} lr {lr:.2e} tok/s {tps:,.0f}"
+                      + (f" mfu {rec['mfu']:.1%}" if peak else ""), flush=True)
+            window_tokens, window_start = 0, time.perf_counter()
+        if (step + 1) % t_cfg.eval_every == 0 or step + 1 == t_cfg.steps:
+            ev = evaluate(model, data.make_val(), device, t_cfg.eval_batches, autocast)
+            if ev:
+                log.write(step + 1, ev)
+                summary.update(ev)
+                bar.write(f"step {step + 1}: held-out loss {ev['val_loss']:.4f}, perplexity {ev['val_ppl']:.2f}")
+        if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < t_cfg.steps:
+            _save(run_dir / "checkpoints" / f"step_{step + 1:08d}.pt", cfg, model, opt, step + 1, data)
+    bar.close()
+    summary.update({"final_loss": loss_hist[-1], "steps": t_cfg.steps, "elapsed_s": time.perf_counter() - start})
+    if cfg.checkpoint.save_final:
+        path = run_dir / "checkpoints" / "final.pt"
+        _save(path, cfg, model, opt, t_cfg.steps, data)
+        summary["checkpoint"] = str(path)
+    log.close()
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _save(path: Path, cfg, model, opt, step: int, data) -> None:
+    save_checkpoint(str(path), {
+        "step": step,
+        "config": dump_config(cfg),
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "data": data.state(),
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        "versions": {"torch": torch.__version__, "nl_pretrain": "0.1.0"},
+        "pid": os.getpid(),
+    })
