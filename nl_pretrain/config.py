@@ -55,6 +55,7 @@ class ModelConfig:
     chunk_mem: int = 16
     chunk_proj: int = 16
     eta_max: float = 1.0
+    mlp_eta_scale: float = 0.1    # MLP memories (chunk-start gradients, unnormalised hidden keys) see eta * this
     eta_chunk_mean: bool = True   # chunk-start-gradient memories use eta_t / C (the chunk's mean gradient)
     conv_kernel: int = 4
     memory_impl: str = "auto"     # auto | torch | triton | reference

@@ -49,7 +49,7 @@ class ContextLevel(nn.Module):
         impl = resolve_memory_impl(self.cfg.memory_impl, z.device)
         keys = l2norm(to_rows(z, self.H))              # unit keys keep the dgd write stable
         targets = to_rows(self.w_target(z), self.H)
-        eta = self.cfg.eta_max * torch.sigmoid(to_rows(self.w_eta(z), self.H)[..., 0])
+        eta = self.cfg.eta_max * self.cfg.mlp_eta_scale * torch.sigmoid(to_rows(self.w_eta(z), self.H)[..., 0])
         if self.cfg.eta_chunk_mean:      # chunk-start gradients: the chunk's mean gradient (docs/MODEL.md)
             eta = eta / self.period
         alpha = torch.sigmoid(to_rows(self.w_alpha(z), self.H)[..., 0])

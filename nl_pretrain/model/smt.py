@@ -102,8 +102,11 @@ class SelfModifyingTitans(nn.Module):
         return torch.sigmoid(raw + self._row_bias(self.alpha_bias, batch))
 
     def chunk_eta(self, spec, eta, chunk):
-        """The learning rate a memory sees: ``eta_t / C`` when its gradients are taken at the chunk
-        start and ``eta_chunk_mean`` is on (C identical-state steps would otherwise overshoot)."""
+        """The learning rate a memory sees: scaled by ``mlp_eta_scale`` for MLP memories, and
+        ``/ C`` when its gradients are taken at the chunk start and ``eta_chunk_mean`` is on (C steps
+        from one frozen gradient would otherwise overshoot; see docs/MODEL.md, "Stability")."""
+        if spec.kind == "mlp":
+            eta = eta * self.cfg.mlp_eta_scale
         if self.cfg.eta_chunk_mean and spec.grad_at == "chunk_start":
             return eta / chunk
         return eta

@@ -119,7 +119,7 @@ def train(cfg: RunConfig) -> dict:
             with autocast():
                 loss = model.loss(b["input_ids"].to(device), b["labels"].to(device), b["doc_ids"].to(device))
             (loss / t_cfg.grad_accum).backward()
-            step_loss += float(loss) / t_cfg.grad_accum
+            step_loss += float(loss.detach()) / t_cfg.grad_accum
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"loss is {step_loss} at step {step}; lower --optim.lr (now {cfg.optim.lr}) "
                                      f"or use --train.precision=fp32")
