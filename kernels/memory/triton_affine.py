@@ -26,56 +26,82 @@ import triton.language as tl
 
 
 @triton.jit
-def _decay(LA, BETA, n, s_la, c_len, BC: tl.constexpr, HAS_MOM: tl.constexpr, PREC: tl.constexpr):
-    """Decay coefficients of one chunk (see module docstring); all fp32, padded rows inert."""
+def _decay(LA, BETA, n, s_la, c_len, BC: tl.constexpr, HAS_MOM: tl.constexpr):
+    """Decay vectors of one chunk (see module docstring); all fp32, padded rows inert.
+
+    Returns log gamma (``lg``), log gamma_{i-1} (``lgp``), ``gp, gl, gL, Ep, Dl, EL, bl, bC, bpow``
+    and ``lb = log beta``. The c x c matrices come from :func:`_gp` and :func:`_bm`."""
     rc = tl.arange(0, BC)
     mc = rc < c_len
-    ii = rc[:, None]
-    ss = rc[None, :]
-    strict = ss < ii
     la = tl.load(LA + n * s_la + rc, mask=mc, other=0.0).to(tl.float32)
     lg = tl.cumsum(la, 0)
-    lgp = lg - la                                                     # log gamma_{i-1}
+    lgp = lg - la
     lgL = tl.sum(tl.where(rc == c_len - 1, lg, 0.0), 0)               # log gamma_{c-1}
-    Gp = tl.exp(tl.where(strict, lgp[:, None] - lg[None, :], float("-inf")))
     gp = tl.exp(lgp)
     gl = tl.exp(tl.where(mc, lgL - lg, float("-inf")))
     gL = tl.exp(lgL)
     if HAS_MOM:
         lb = tl.log(tl.maximum(tl.load(BETA + n).to(tl.float32), 1e-30))
-        Bm = tl.exp(tl.where(ss <= ii, (ii - ss).to(tl.float32) * lb, float("-inf")))
-        Dp = tl.dot(Gp, Bm, input_precision=PREC)
         bpow = tl.exp((rc + 1).to(tl.float32) * lb)                   # beta^(r+1)
+        Gp = _gp(lg, lgp, BC)
         Ep = tl.sum(Gp * bpow[None, :], 1)
-        Dl = tl.sum(gl[:, None] * Bm, 0)
+        Dl = tl.sum(gl[:, None] * _bm(lb, BC), 0)
         EL = tl.sum(gl * bpow, 0)
         bl = tl.exp(tl.where(mc, (c_len - 1 - rc).to(tl.float32) * lb, float("-inf")))
         bC = tl.exp(c_len * lb)
     else:
         lb = 0.0
-        Bm = Gp
-        Dp = Gp
         bpow = gp * 0.0
         Ep = gp * 0.0
         Dl = gl
         EL = 0.0
         bl = gl * 0.0
         bC = 0.0
-    return Gp, gp, gl, gL, Dp, Ep, Dl, EL, bl, bC, Bm, bpow, lb
+    return lg, lgp, gp, gl, gL, Ep, Dl, EL, bl, bC, bpow, lb
 
 
 @triton.jit
-def _solve_inverse(L, BC: tl.constexpr, c_len):
-    """``(I + L)^{-1}`` for strictly lower ``L`` by forward substitution, one row per step."""
+def _gp(lg, lgp, BC: tl.constexpr):
+    """``Gp[i, s] = gamma_{i-1} / gamma_s`` for s < i (decay from token s to the state before i)."""
+    rc = tl.arange(0, BC)
+    return tl.exp(tl.where(rc[None, :] < rc[:, None], lgp[:, None] - lg[None, :], float("-inf")))
+
+
+@triton.jit
+def _bm(lb, BC: tl.constexpr):
+    """``Bm[r, s] = beta^(r - s)`` for s <= r."""
     rc = tl.arange(0, BC)
     ii = rc[:, None]
     ss = rc[None, :]
-    T = tl.where(ii == ss, 1.0, 0.0)
-    for i in range(1, c_len):
-        lrow = tl.sum(tl.where(ii == i, L, 0.0), 0)                   # L[i, :], zero for j >= i
-        trow = -tl.sum(lrow[:, None] * T, 0) + (rc == i).to(tl.float32)
-        T = tl.where(ii == i, trow[None, :], T)
-    return T
+    return tl.exp(tl.where(ss <= ii, (ii - ss).to(tl.float32) * lb, float("-inf")))
+
+
+@triton.jit
+def _inverse_unit_lower(L, c_len, BC: tl.constexpr, PREC: tl.constexpr):
+    """``(I + L)^{-1}`` for strictly lower ``L`` (BC x BC, BC a multiple of 16).
+
+    Forward substitution inside the 16 x 16 diagonal blocks, one row of every block per step (16
+    steps of a BC^3 matmul instead of BC cross-thread reductions), then the off-diagonal blocks:
+    with ``Td = (I + Ld)^{-1}`` and ``N = Td Lo`` (block strictly lower, nilpotent of index BC/16),
+    ``(I + L)^{-1} = (I + N)^{-1} Td = (I - N + N^2 - ...) Td`` (Horner). Every product has at most
+    BC/16 - 1 off-diagonal factors, the blocked substitution written as matmuls.
+    """
+    rc = tl.arange(0, BC)
+    ii = rc[:, None]
+    ss = rc[None, :]
+    eye = tl.where(ii == ss, 1.0, 0.0)
+    same = (ii // 16) == (ss // 16)
+    Ld = tl.where(same, L, 0.0)
+    Td = eye
+    for i in range(1, tl.minimum(c_len, 16)):
+        Td = tl.where((ii % 16) == i, eye - tl.dot(Ld, Td, input_precision=PREC), Td)
+    if BC > 16:
+        Nm = tl.dot(Td, tl.where(same, 0.0, L), input_precision=PREC)
+        X = eye
+        for _ in tl.static_range(BC // 16 - 1):
+            X = eye - tl.dot(Nm, X, input_precision=PREC)
+        Td = tl.dot(X, Td, input_precision=PREC)
+    return Td
 
 
 @triton.jit
@@ -114,33 +140,29 @@ def affine_fwd_kernel(
     mc = rc < c_len
     mo = ro < o_dim
     strict = rc[None, :] < rc[:, None]
-    Gp, gp, gl, gL, Dp, Ep, Dl, EL, bl, bC, Bm, bpow, lb = _decay(LA, BETA, n, s_la, c_len, BC, HAS_MOM, PREC)
+    lg, lgp, gp, gl, gL, Ep, Dl, EL, bl, bC, bpow, lb = _decay(LA, BETA, n, s_la, c_len, BC, HAS_MOM)
+    Gp = _gp(lg, lgp, BC)
+    if HAS_MOM:
+        Dp = tl.dot(Gp, _bm(lb, BC), input_precision=PREC)
+    else:
+        Dp = Gp
 
+    # pass 1 over d: A = K K^T and the base term gp.(K W0^T) + Ep.(K S0^T) (rows of K pre-scaled)
     A = tl.zeros([BC, BC], tl.float32)
-    Aq = tl.zeros([BC, BC], tl.float32)
-    KW = tl.zeros([BC, BO], tl.float32)
-    KS = tl.zeros([BC, BO], tl.float32)
-    QW = tl.zeros([BC, BO], tl.float32)
-    QS = tl.zeros([BC, BO], tl.float32)
+    KB = tl.zeros([BC, BO], tl.float32)
     for d0 in range(0, d_dim, BD):
         dd = d0 + rd
         kt, qt, w0t, s0t, woff, wmask = _load_tiles(K, Q, W0, S0, n, s_kn, s_kt, s_qn, s_qt, s_w, rc, mc,
-                                                    ro, mo, dd, dd < d_dim, d_dim, HAS_Q, HAS_MOM)
+                                                    ro, mo, dd, dd < d_dim, d_dim, False, HAS_MOM)
         A += tl.dot(kt, tl.trans(kt), input_precision=PREC)
-        KW += tl.dot(kt, tl.trans(w0t), input_precision=PREC)
+        KB += tl.dot(kt * gp[:, None], tl.trans(w0t), input_precision=PREC)
         if HAS_MOM:
-            KS += tl.dot(kt, tl.trans(s0t), input_precision=PREC)
-        if HAS_Q:
-            Aq += tl.dot(qt, tl.trans(kt), input_precision=PREC)
-            QW += tl.dot(qt, tl.trans(w0t), input_precision=PREC)
-            if HAS_MOM:
-                QS += tl.dot(qt, tl.trans(s0t), input_precision=PREC)
+            KB += tl.dot(kt * Ep[:, None], tl.trans(s0t), input_precision=PREC)
     A = tl.where(strict, A, 0.0)
-    Aq = tl.where(strict, Aq, 0.0)
 
     vmask = mc[:, None] & mo[None, :]
     wv = tl.load(WV + n * s_vn + rc[:, None] * s_vt + ro[None, :], mask=vmask, other=0.0).to(tl.float32)
-    rhs = gp[:, None] * KW + Ep[:, None] * KS + tl.dot(Dp * A, wv, input_precision=PREC)
+    rhs = KB + tl.dot(Dp * A, wv, input_precision=PREC)
     if HAS_C or HAS_RHO:
         L = tl.zeros([BC, BC], tl.float32)
         if HAS_C:
@@ -149,7 +171,7 @@ def affine_fwd_kernel(
         if HAS_RHO:
             rh = tl.load(RHO + n * s_pn + rc, mask=mc, other=0.0).to(tl.float32)
             L -= Dp * A * rh[None, :]
-        Y = tl.dot(_solve_inverse(L, BC, c_len), rhs, input_precision=PREC)
+        Y = tl.dot(_inverse_unit_lower(L, c_len, BC, PREC), rhs, input_precision=PREC)
     else:
         Y = rhs * 0.0
     if HAS_C:
@@ -161,24 +183,32 @@ def affine_fwd_kernel(
     else:
         u = wv
 
-    if HAS_Q:
-        reads = gp[:, None] * QW + Ep[:, None] * QS + tl.dot(Dp * Aq, u, input_precision=PREC)
-        if HAS_C:
-            reads += tl.dot(Gp * Aq, delta, input_precision=PREC)
-        tl.store(R + n * s_rn + rc[:, None] * s_rt + ro[None, :], reads, mask=vmask)
-
+    # pass 2 over d: new state tiles, and Q K^T / the read base term
     P = Dl[:, None] * u + gl[:, None] * delta        # coefficients of the last state
     Pm = bl[:, None] * u
+    Aq = tl.zeros([BC, BC], tl.float32)
+    QB = tl.zeros([BC, BO], tl.float32)
     for d0 in range(0, d_dim, BD):
         dd = d0 + rd
         kt, qt, w0t, s0t, woff, wmask = _load_tiles(K, Q, W0, S0, n, s_kn, s_kt, s_qn, s_qt, s_w, rc, mc,
-                                                    ro, mo, dd, dd < d_dim, d_dim, False, HAS_MOM)
+                                                    ro, mo, dd, dd < d_dim, d_dim, HAS_Q, HAS_MOM)
         wn = gL * w0t + tl.dot(tl.trans(P), kt, input_precision=PREC)
         if HAS_MOM:
             wn += EL * s0t
             sn = bC * s0t + tl.dot(tl.trans(Pm), kt, input_precision=PREC)
             tl.store(SN + woff, sn, mask=wmask)
         tl.store(WN + woff, wn, mask=wmask)
+        if HAS_Q:
+            Aq += tl.dot(qt, tl.trans(kt), input_precision=PREC)
+            QB += tl.dot(qt * gp[:, None], tl.trans(w0t), input_precision=PREC)
+            if HAS_MOM:
+                QB += tl.dot(qt * Ep[:, None], tl.trans(s0t), input_precision=PREC)
+    if HAS_Q:
+        Aq = tl.where(strict, Aq, 0.0)
+        reads = QB + tl.dot(Dp * Aq, u, input_precision=PREC)
+        if HAS_C:
+            reads += tl.dot(Gp * Aq, delta, input_precision=PREC)
+        tl.store(R + n * s_rn + rc[:, None] * s_rt + ro[None, :], reads, mask=vmask)
 
 
 @triton.jit
@@ -203,157 +233,160 @@ def affine_bwd_kernel(
     ii = rc[:, None]
     ss = rc[None, :]
     strict = ss < ii
-    Gp, gp, gl, gL, Dp, Ep, Dl, EL, bl, bC, Bm, bpow, lb = _decay(LA, BETA, n, s_la, c_len, BC, HAS_MOM, PREC)
+    lg, lgp, gp, gl, gL, Ep, Dl, EL, bl, bC, bpow, lb = _decay(LA, BETA, n, s_la, c_len, BC, HAS_MOM)
+    Gp = _gp(lg, lgp, BC)
+    if HAS_MOM:
+        Dp = tl.dot(Gp, _bm(lb, BC), input_precision=PREC)
+    else:
+        Dp = Gp
 
-    # -- recompute the forward of this chunk, and contract the state cotangents with K ----------
+    # -- pass 1 over d: recompute A, Aq, the rhs base; contract the state cotangents with K -------
     A = tl.zeros([BC, BC], tl.float32)
     Aq = tl.zeros([BC, BC], tl.float32)
-    KW = tl.zeros([BC, BO], tl.float32)
-    KS = tl.zeros([BC, BO], tl.float32)
-    QW = tl.zeros([BC, BO], tl.float32)
-    QS = tl.zeros([BC, BO], tl.float32)
+    KB = tl.zeros([BC, BO], tl.float32)
     dP = tl.zeros([BC, BO], tl.float32)
     dPm = tl.zeros([BC, BO], tl.float32)
-    dgL = 0.0
-    dEL = 0.0
-    dbC = 0.0
+    dgL = tl.sum(gp * 0.0, 0)
+    dEL = tl.sum(gp * 0.0, 0)
+    dbC = tl.sum(gp * 0.0, 0)
     for d0 in range(0, d_dim, BD):
         dd = d0 + rd
         kt, qt, w0t, s0t, woff, wmask = _load_tiles(K, Q, W0, S0, n, s_kn, s_kt, s_qn, s_qt, s_w, rc, mc,
                                                     ro, mo, dd, dd < d_dim, d_dim, HAS_Q, HAS_MOM)
         dwn = tl.load(DWN + woff, mask=wmask, other=0.0).to(tl.float32)
         A += tl.dot(kt, tl.trans(kt), input_precision=PREC)
-        KW += tl.dot(kt, tl.trans(w0t), input_precision=PREC)
+        KB += tl.dot(kt * gp[:, None], tl.trans(w0t), input_precision=PREC)
         dP += tl.dot(kt, tl.trans(dwn), input_precision=PREC)
         dgL += tl.sum(tl.sum(dwn * w0t, 1), 0)
         if HAS_MOM:
             dsn = tl.load(DSN + woff, mask=wmask, other=0.0).to(tl.float32)
-            KS += tl.dot(kt, tl.trans(s0t), input_precision=PREC)
+            KB += tl.dot(kt * Ep[:, None], tl.trans(s0t), input_precision=PREC)
             dPm += tl.dot(kt, tl.trans(dsn), input_precision=PREC)
             dEL += tl.sum(tl.sum(dwn * s0t, 1), 0)
             dbC += tl.sum(tl.sum(dsn * s0t, 1), 0)
         if HAS_Q:
             Aq += tl.dot(qt, tl.trans(kt), input_precision=PREC)
-            QW += tl.dot(qt, tl.trans(w0t), input_precision=PREC)
-            if HAS_MOM:
-                QS += tl.dot(qt, tl.trans(s0t), input_precision=PREC)
     A = tl.where(strict, A, 0.0)
     Aq = tl.where(strict, Aq, 0.0)
-    M1 = Gp * A
-    M2 = Dp * A
-    M3 = Dp * Aq
-    M4 = Gp * Aq
 
+    # -- recompute the solve, then the VJP through reads, solve and masked matrices ---------------
     vmask = mc[:, None] & mo[None, :]
     voff = n * s_vn + rc[:, None] * s_vt + ro[None, :]
     wv = tl.load(WV + voff, mask=vmask, other=0.0).to(tl.float32)
-    rhs = gp[:, None] * KW + Ep[:, None] * KS + tl.dot(M2, wv, input_precision=PREC)
-    L = tl.zeros([BC, BC], tl.float32)
+    rhs = KB + tl.dot(Dp * A, wv, input_precision=PREC)
     cv = tl.zeros([BC], tl.float32)
     rh = tl.zeros([BC], tl.float32)
     if HAS_C:
         cv = tl.load(CV + n * s_cn + rc, mask=mc, other=0.0).to(tl.float32)
-        L += M1 * cv[None, :]
     if HAS_RHO:
         rh = tl.load(RHO + n * s_pn + rc, mask=mc, other=0.0).to(tl.float32)
-        L -= M2 * rh[None, :]
     if HAS_C or HAS_RHO:
-        T = _solve_inverse(L, BC, c_len)
+        T = _inverse_unit_lower(Gp * A * cv[None, :] - Dp * A * rh[None, :], c_len, BC, PREC)
         Y = tl.dot(T, rhs, input_precision=PREC)
     else:
         T = tl.where(ii == ss, 1.0, 0.0)
         Y = rhs * 0.0
     delta = -cv[:, None] * Y
     u = wv + rh[:, None] * Y
-    P = Dl[:, None] * u + gl[:, None] * delta
-    Pm = bl[:, None] * u
-
-    # -- VJP through reads, the solve and the masked matrices (docs/KERNELS.md) -----------------
     if HAS_Q:
         dR = tl.load(DR + n * s_rn + rc[:, None] * s_rt + ro[None, :], mask=vmask, other=0.0).to(tl.float32)
     else:
         dR = wv * 0.0
-    du = Dl[:, None] * dP + bl[:, None] * dPm + tl.dot(tl.trans(M3), dR, input_precision=PREC)
-    ddelta = gl[:, None] * dP + tl.dot(tl.trans(M4), dR, input_precision=PREC)
-    dY = -cv[:, None] * ddelta + rh[:, None] * du
-    drhs = tl.dot(tl.trans(T), dY, input_precision=PREC)
+    du = Dl[:, None] * dP + bl[:, None] * dPm + tl.dot(tl.trans(Dp * Aq), dR, input_precision=PREC)
+    ddelta = gl[:, None] * dP + tl.dot(tl.trans(Gp * Aq), dR, input_precision=PREC)
+    drhs = tl.dot(tl.trans(T), rh[:, None] * du - cv[:, None] * ddelta, input_precision=PREC)
     dL = tl.where(strict, -tl.dot(drhs, tl.trans(Y), input_precision=PREC), 0.0)
-    dwv = du + tl.dot(tl.trans(M2), drhs, input_precision=PREC)
-    tl.store(DWV + voff, dwv, mask=vmask)
-    dM1 = dL * cv[None, :]
+    tl.store(DWV + voff, du + tl.dot(tl.trans(Dp * A), drhs, input_precision=PREC), mask=vmask)
+    pbase = ob * n_rows + n
+    if HAS_C:
+        dcv = -tl.sum(ddelta * Y, 1) + tl.sum(dL * Gp * A, 0)
+        tl.store(DCV + pbase * c_len + rc, dcv, mask=mc)
+    if HAS_RHO:
+        drh = tl.sum(du * Y, 1) - tl.sum(dL * Dp * A, 0)
+        tl.store(DRHO + pbase * c_len + rc, drh, mask=mc)
+    dM1 = dL * cv[None, :]                                                    # M1 = Gp.A
     dM2 = tl.where(strict, tl.dot(drhs, tl.trans(wv), input_precision=PREC), 0.0) - dL * rh[None, :]
-    dM3 = tl.where(strict, tl.dot(dR, tl.trans(u), input_precision=PREC), 0.0)
-    dM4 = tl.where(strict, tl.dot(dR, tl.trans(delta), input_precision=PREC), 0.0)
+    dM3 = tl.where(strict, tl.dot(dR, tl.trans(u), input_precision=PREC), 0.0)      # M3 = Dp.Aq
+    dM4 = tl.where(strict, tl.dot(dR, tl.trans(delta), input_precision=PREC), 0.0)  # M4 = Gp.Aq
     dA = dM1 * Gp + dM2 * Dp
     dAq = dM3 * Dp + dM4 * Gp
     dGp = dM1 * A + dM4 * Aq
     dDp = dM2 * A + dM3 * Aq
-    dgp = tl.sum(dR * QW + drhs * KW, 1)
-    dEp = tl.sum(dR * QS + drhs * KS, 1)
     dDl = tl.sum(dP * u, 1)
     dgl = tl.sum(dP * delta, 1)
     dbl = tl.sum(dPm * u, 1)
-    pbase = ob * n_rows + n
-    if HAS_C:
-        dcv = -tl.sum(ddelta * Y, 1) + tl.sum(dL * M1, 0)
-        tl.store(DCV + pbase * c_len + rc, dcv, mask=mc)
-    if HAS_RHO:
-        drh = tl.sum(du * Y, 1) - tl.sum(dL * M2, 0)
-        tl.store(DRHO + pbase * c_len + rc, drh, mask=mc)
 
-    # -- d-sized outputs -------------------------------------------------------------------------
+    # -- decay, c x c part: back through Dp = Gp Bm, Dl = gl Bm, E_c = gl.bpow and Gp = exp(.) ------
+    dbeta = tl.sum(gp * 0.0, 0)
+    if HAS_MOM:
+        Bm = _bm(lb, BC)
+        dGp += tl.dot(dDp, tl.trans(Bm), input_precision=PREC)
+        dBm = tl.dot(tl.trans(Gp), dDp, input_precision=PREC) + gl[:, None] * dDl[None, :]
+        dgl += tl.sum(Bm * dDl[None, :], 1) + dEL * bpow
+        lag = (ii - ss).to(tl.float32)
+        dpow = tl.where(strict & (ii < c_len), lag * tl.exp(tl.where(strict, (lag - 1.0) * lb, 0.0)), 0.0)
+        dbeta += tl.sum(tl.sum(dBm * dpow, 1), 0)
+    else:
+        dGp += dDp
+        dgl += dDl
+    t1 = dGp * Gp
+    dlgp = tl.sum(t1, 1)
+    dlg = -tl.sum(t1, 0) - dgl * gl
+
+    # -- pass 2 over d: d-sized outputs, and the gradients of the base terms' row scales ---------
     dAs = dA + tl.trans(dA)
-    gR = gp[:, None] * dR
-    eR = Ep[:, None] * dR
-    gH = gp[:, None] * drhs
-    eH = Ep[:, None] * drhs
+    P = Dl[:, None] * u + gl[:, None] * delta        # coefficients of the last state
+    Pm = bl[:, None] * u
+    dgp = gp * 0.0
+    dEp = gp * 0.0
     for d0 in range(0, d_dim, BD):
         dd = d0 + rd
         md = dd < d_dim
         kt, qt, w0t, s0t, woff, wmask = _load_tiles(K, Q, W0, S0, n, s_kn, s_kt, s_qn, s_qt, s_w, rc, mc,
                                                     ro, mo, dd, md, d_dim, HAS_Q, HAS_MOM)
         dwn = tl.load(DWN + woff, mask=wmask, other=0.0).to(tl.float32)
-        dk = tl.dot(dAs, kt, input_precision=PREC) + tl.dot(gH, w0t, input_precision=PREC) \
-            + tl.dot(P, dwn, input_precision=PREC)
-        dw0 = gL * dwn + tl.dot(tl.trans(gH), kt, input_precision=PREC)
+        X1 = tl.dot(drhs, w0t, input_precision=PREC)                   # d(K W0^T) / gp
+        dgp += tl.sum(kt * X1, 1)
+        dk = tl.dot(dAs, kt, input_precision=PREC) + gp[:, None] * X1 + tl.dot(P, dwn, input_precision=PREC)
+        dw0 = gL * dwn + tl.dot(tl.trans(drhs * gp[:, None]), kt, input_precision=PREC)
         if HAS_MOM:
             dsn = tl.load(DSN + woff, mask=wmask, other=0.0).to(tl.float32)
-            dk += tl.dot(eH, s0t, input_precision=PREC) + tl.dot(Pm, dsn, input_precision=PREC)
-            ds0 = EL * dwn + bC * dsn + tl.dot(tl.trans(eH), kt, input_precision=PREC)
+            X2 = tl.dot(drhs, s0t, input_precision=PREC)
+            dEp += tl.sum(kt * X2, 1)
+            dk += Ep[:, None] * X2 + tl.dot(Pm, dsn, input_precision=PREC)
+            ds0 = EL * dwn + bC * dsn + tl.dot(tl.trans(drhs * Ep[:, None]), kt, input_precision=PREC)
         if HAS_Q:
+            X3 = tl.dot(dR, w0t, input_precision=PREC)
+            dgp += tl.sum(qt * X3, 1)
             dk += tl.dot(tl.trans(dAq), qt, input_precision=PREC)
-            dq = tl.dot(dAq, kt, input_precision=PREC) + tl.dot(gR, w0t, input_precision=PREC)
-            dw0 += tl.dot(tl.trans(gR), qt, input_precision=PREC)
+            dq = tl.dot(dAq, kt, input_precision=PREC) + gp[:, None] * X3
+            dw0 += tl.dot(tl.trans(dR * gp[:, None]), qt, input_precision=PREC)
             if HAS_MOM:
-                dq += tl.dot(eR, s0t, input_precision=PREC)
-                ds0 += tl.dot(tl.trans(eR), qt, input_precision=PREC)
+                X4 = tl.dot(dR, s0t, input_precision=PREC)
+                dEp += tl.sum(qt * X4, 1)
+                dq += Ep[:, None] * X4
+                ds0 += tl.dot(tl.trans(dR * Ep[:, None]), qt, input_precision=PREC)
             tl.store(DQ + (pbase * c_len + rc[:, None]) * d_dim + dd[None, :], dq, mask=mc[:, None] & md[None, :])
         tl.store(DK + (pbase * c_len + rc[:, None]) * d_dim + dd[None, :], dk, mask=mc[:, None] & md[None, :])
         tl.store(DW0 + woff, dw0, mask=wmask)
         if HAS_MOM:
             tl.store(DS0 + woff, ds0, mask=wmask)
 
-    # -- decay: back through Dp = Gp Bm, Ep = Gp bpow, Dl = gl Bm, E_c = gl.bpow, exps, cumsum -----
+    # -- decay, vector part: gp = exp(lgp), Ep = Gp bpow, gl, gamma_c, bl, beta^c, then the cumsum --
+    dlgp += dgp * gp
     if HAS_MOM:
-        dGp += tl.dot(dDp, tl.trans(Bm), input_precision=PREC) + dEp[:, None] * bpow[None, :]
-        dBm = tl.dot(tl.trans(Gp), dDp, input_precision=PREC) + gl[:, None] * dDl[None, :]
-        dbpow = tl.sum(Gp * dEp[:, None], 0) + dEL * gl
-        dgl += tl.sum(Bm * dDl[None, :], 1) + dEL * bpow
-        lag = (ii - ss).to(tl.float32)
-        dpow = tl.where((ss < ii) & (ii < c_len), lag * tl.exp(tl.where(ss < ii, (lag - 1.0) * lb, 0.0)), 0.0)
+        v = tl.sum(_gp(lg, lgp, BC) * dEp[:, None], 0)                 # Gp^T dEp
+        dlgp += dEp * Ep
+        dlg -= v * bpow
         rf = rc.to(tl.float32)
-        dbeta = tl.sum(tl.sum(dBm * dpow, 1), 0) + tl.sum(tl.where(mc, dbpow * (rf + 1.0) * tl.exp(rf * lb), 0.0), 0)
+        dbeta += tl.sum(tl.where(mc, (v + dEL * gl) * (rf + 1.0) * tl.exp(rf * lb), 0.0), 0)
         m_bl = (c_len - 1 - rc).to(tl.float32)
-        dbeta += tl.sum(tl.where(rc < c_len - 1, dbl * m_bl * tl.exp(tl.where(rc < c_len - 1, (m_bl - 1.0) * lb, 0.0)), 0.0), 0)
+        last = rc < c_len - 1
+        dbeta += tl.sum(tl.where(last, dbl * m_bl * tl.exp(tl.where(last, (m_bl - 1.0) * lb, 0.0)), 0.0), 0)
         dbeta += dbC * c_len * tl.exp((c_len - 1) * lb)
         tl.store(DBETA + pbase, dbeta)
-    else:
-        dGp += dDp
-        dgl += dDl
-    t1 = dGp * Gp
-    dlgp = tl.sum(t1, 1) + dgp * gp
-    dlg = -tl.sum(t1, 0) - dgl * gl + dlgp
     dlgL = tl.sum(dgl * gl, 0) + dgL * gL
-    dlg += tl.where(rc == c_len - 1, dlgL, 0.0)
+    dlg += tl.where(rc == c_len - 1, dlgL, 0.0) + dlgp
     dla = tl.cumsum(dlg, 0, reverse=True) - dlgp
     tl.store(DLA + pbase * c_len + rc, dla, mask=mc)
+

@@ -30,18 +30,29 @@ from kernels.memory.naive import silu_grad
 from kernels.memory.triton_affine import affine_bwd_kernel, affine_fwd_kernel
 
 MAX_CHUNK = 64
-TILE_CAP = {"o": 64, "d": 64}   # upper bounds of the column / input tiles (tests lower them to 16)
+# Upper bounds of the column / input tiles (tests lower them to 16). 32 x 32 with the whole chunk
+# (64) in one tile and 8 warps kept ptxas spills small for sm_90 in tf32 (docs/KERNELS.md).
+TILE_CAP = {"o": 32, "d": 32}
 
 
 def _blocks(c: int, o: int, d: int):
-    """Tile sizes: the whole chunk in one tile (forward substitution over its rows), output columns
-    in blocks of <= 64, the input dimension looped in tiles of <= 64. tl.dot needs >= 16."""
+    """Tile sizes: the whole chunk in one tile, output columns in blocks of <= TILE_CAP['o'], the
+    input dimension looped in tiles of <= TILE_CAP['d']; tl.dot needs >= 16. Returns also warps."""
     if c > MAX_CHUNK:
         raise ValueError(f"chunk length {c} exceeds the Triton kernel's limit {MAX_CHUNK}; use chunk <= {MAX_CHUNK}")
     bc = max(16, triton.next_power_of_2(c))
     bo = max(16, min(TILE_CAP["o"], triton.next_power_of_2(o)))
     bd = max(16, min(TILE_CAP["d"], triton.next_power_of_2(d)))
     return bc, bo, bd, (4 if bc <= 32 else 8)
+
+
+def _dot_precision(*tensors) -> str:
+    """IEEE fp32 dots for fp32 inputs unless torch allows TF32 matmuls (then TF32, like torch's own
+    matmuls); TF32 for bf16 inputs (bf16 values are exact in TF32; fp32 intermediates are rounded
+    to TF32 inside the dots, accumulation stays fp32)."""
+    if all(t.dtype == torch.float32 for t in tensors if t is not None):
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32"
 
 
 def _lastdim_contig(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -70,7 +81,7 @@ class AffineRank1Chunk(torch.autograd.Function):
         reads = torch.empty(N, c, o, **f32) if has_q else torch.empty(0, **f32)
         W_new = torch.empty(N, o, d, **f32)
         S_new = torch.empty(N, o, d, **f32) if has_mom else torch.empty(0, **f32)
-        prec = "ieee" if all(t.dtype == torch.float32 for t in (W0, K, w) + ((Q,) if has_q else ())) else "tf32"
+        prec = _dot_precision(W0, S0, K, Q, w)
         grid = (N, triton.cdiv(o, bo))
         Qp = Q if has_q else K
         affine_fwd_kernel[grid](
@@ -82,7 +93,7 @@ class AffineRank1Chunk(torch.autograd.Function):
             c * o, o, (cv if cv is not None else log_alpha).stride(0),
             (rho if rho is not None else log_alpha).stride(0), log_alpha.stride(0),
             HAS_C=cv is not None, HAS_RHO=rho is not None, HAS_MOM=has_mom, HAS_Q=has_q,
-            BC=bc, BO=bo, BD=bd, PREC=prec, num_warps=warps,
+            BC=bc, BO=bo, BD=bd, PREC=prec, num_warps=warps, num_stages=2,
         )
         ctx.save_for_backward(W0, S0, K, Q, cv, rho, w, log_alpha, beta)
         ctx.meta = (bc, bo, bd, warps, prec)
@@ -122,7 +133,7 @@ class AffineRank1Chunk(torch.autograd.Function):
             c * o, o, (cv if cv is not None else dummy).stride(0),
             (rho if rho is not None else dummy).stride(0), log_alpha.stride(0),
             HAS_C=cv is not None, HAS_RHO=rho is not None, HAS_MOM=has_mom, HAS_Q=has_q,
-            BC=bc, BO=bo, BD=bd, PREC=prec, num_warps=warps,
+            BC=bc, BO=bo, BD=bd, PREC=prec, num_warps=warps, num_stages=1,
         )
 
         def out(x, like, need):

@@ -100,7 +100,7 @@ def test_interp_affine_rank1_chunk(flags):
 
 
 @interp
-@pytest.mark.parametrize("c", [1, 16, 17])
+@pytest.mark.parametrize("c", [1, 16, 17, 64])
 def test_interp_affine_tiles(c, monkeypatch):
     """Several column blocks and input tiles (caps lowered to 16), chunk lengths at tile edges."""
     from kernels.memory import triton_impl
