@@ -20,8 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.memory import MemorySpec, chunk_torch, memory_chunk
-from kernels.testing import rel_err
+from kernels.memory import MemorySpec, chunk_torch
+from kernels.testing import as_leaves, flat_inputs, memory_inputs, rel_err, run_sequence
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 interp = pytest.mark.skipif(not INTERP, reason="interpreter case: runs in the subprocess of test_kernels_under_interpreter")
@@ -124,59 +124,6 @@ SPECS = {
 }
 
 
-def memory_inputs(spec, N, T, d, e=2, d_out=None, dtype=torch.float32, device="cpu", seed=0):
-    """Random inputs of one memory over a whole sequence, rows of different content."""
-    g = torch.Generator().manual_seed(seed)
-    d_out = d if d_out is None else d_out
-    r = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale)  # noqa: E731
-    if spec.kind == "linear":
-        state = (torch.eye(d_out, d).expand(N, d_out, d) * 0.5 + r(N, d_out, d, scale=0.1),)
-    else:
-        h = e * d
-        state = (r(N, d_out, h, scale=0.1), r(N, h, d, scale=d ** -0.5))
-    ins = dict(
-        state=state,
-        mom=tuple(r(*s.shape, scale=0.01) for s in state) if spec.momentum else None,
-        k=F.normalize(r(N, T, d), dim=-1), vhat=r(N, T, d_out),
-        eta=0.05 + 0.4 * torch.rand(N, T, generator=g),
-        alpha=0.8 + 0.2 * torch.rand(N, T, generator=g),
-        beta=0.5 + 0.4 * torch.rand(N, generator=g) if spec.momentum else None,
-        q=F.normalize(r(N, T, d), dim=-1),
-    )
-
-    def conv(x):
-        if x is None:
-            return None
-        if isinstance(x, tuple):
-            return tuple(conv(y) for y in x)
-        floating = x.dtype if x.dtype != torch.float32 else dtype
-        return x.to(device=device, dtype=floating).detach().requires_grad_()
-    return {k: conv(v) for k, v in ins.items()}
-
-
-def run_sequence(spec, ins, chunk, impl):
-    """The model's loop: one ``memory_chunk`` per chunk, the last chunk possibly short."""
-    state, mom, outs = ins["state"], ins["mom"], []
-    T = ins["k"].shape[1]
-    for s in range(0, T, chunk):
-        sl = slice(s, min(s + chunk, T))
-        o, state, mom = memory_chunk(spec, state, mom, ins["k"][:, sl], ins["vhat"][:, sl], ins["eta"][:, sl],
-                                     ins["alpha"][:, sl], ins["beta"], ins["q"][:, sl], impl=impl)
-        outs.append(o)
-    return (torch.cat(outs, 1),) + tuple(state) + (tuple(mom) if mom is not None else ())
-
-
-def flat_inputs(ins):
-    """``{name: tensor}`` with the state and momentum tuples split (W0/W1/W2, S0/S1/S2 ...)."""
-    out = {}
-    for k, v in ins.items():
-        if isinstance(v, tuple):
-            out.update({f"{k}{i}": x for i, x in enumerate(v)})
-        elif v is not None:
-            out[k] = v
-    return out
-
-
 @interp
 @pytest.mark.parametrize("name", list(SPECS))
 def test_interp_memory_chunk_vs_torch(name):
@@ -193,8 +140,7 @@ def test_interp_memory_chunk_vs_reference(name):
     """Against the token-by-token semantics (float64 reference, float32 kernel)."""
     spec = SPECS[name]
     ins = memory_inputs(spec, N=2, T=13, d=8)
-    ref_ins = {k: (tuple(x.detach().double() for x in v) if isinstance(v, tuple) else
-                   v.detach().double() if v is not None else None) for k, v in ins.items()}
+    ref_ins = {k: as_leaves(v, torch.float64) for k, v in ins.items()}
     out = run_sequence(spec, ins, 6, "triton")
     ref = run_sequence(spec, ref_ins, 6, "reference")
     for i, (a, b) in enumerate(zip(out, ref)):
