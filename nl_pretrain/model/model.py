@@ -80,4 +80,6 @@ class LanguageModel(nn.Module):
 
     def loss(self, input_ids, labels, doc_ids=None) -> torch.Tensor:
         logits = self(input_ids, doc_ids)
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()                       # the softmax in fp32 under autocast
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)

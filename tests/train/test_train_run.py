@@ -1,0 +1,49 @@
+"""End-to-end: the CLI trains a tiny model and leaves a complete run directory."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+def run_cli(*args, check=True):
+    return subprocess.run([sys.executable, "-m", "nl_pretrain.cli", *args], capture_output=True, text=True,
+                          check=check)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["configs/tiny_hope.yaml", "configs/tiny_transformer.yaml"])
+def test_train_writes_run_directory_and_learns(tmp_path, config):
+    run = tmp_path / "run"
+    res = run_cli("train", "--config", config, f"--train.run_dir={run}", "--train.steps=24",
+                  "--train.log_every=4", "--train.eval_every=12", "--train.eval_batches=2",
+                  "--train.micro_batch_size=4", "--data.seq_len=64", "--data.max_documents=60",
+                  "--data.val_fraction=0.2", "--model.vocab_size=259", "--train.progress=false",
+                  "--optim.warmup_steps=4")
+    assert "held-out loss" in res.stdout
+    assert (run / "config.yaml").is_file() and (run / "summary.json").is_file()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in train] == [4, 8, 12, 16, 20, 24]
+    assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in train)
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5, train      # it learns
+    assert [r["step"] for r in evals] == [12, 24]
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tb").iterdir())
+    ckpt = torch.load(run / "checkpoints" / "final.pt", weights_only=False)
+    assert ckpt["step"] == 24 and "model" in ckpt and "optimizer" in ckpt and "rng" in ckpt
+    assert not list((run / "checkpoints").glob("*.tmp"))
+
+
+def test_train_bad_override_fails_before_work(tmp_path):
+    res = run_cli("train", "--config", "configs/tiny_hope.yaml", f"--train.run_dir={tmp_path / 'r'}",
+                  "--optim.lr=-1", check=False)
+    assert res.returncode == 2 and "optim.lr=-1.0 must be > 0" in res.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_dataset_names_the_fix(tmp_path):
+    res = run_cli("train", "--config", "configs/tiny_hope.yaml", f"--train.run_dir={tmp_path / 'r'}",
+                  f"--data.dataset={tmp_path / 'nope'}", check=False)
+    assert res.returncode == 2 and "prepare-data" in res.stderr
