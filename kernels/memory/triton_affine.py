@@ -147,23 +147,22 @@ def affine_fwd_kernel(
     else:
         Dp = Gp
 
-    # pass 1 over d: A = K K^T and the base term gp.(K W0^T) + Ep.(K S0^T) (rows of K pre-scaled)
-    A = tl.zeros([BC, BC], tl.float32)
-    KB = tl.zeros([BC, BO], tl.float32)
-    for d0 in range(0, d_dim, BD):
-        dd = d0 + rd
-        kt, qt, w0t, s0t, woff, wmask = _load_tiles(K, Q, W0, S0, n, s_kn, s_kt, s_qn, s_qt, s_w, rc, mc,
-                                                    ro, mo, dd, dd < d_dim, d_dim, False, HAS_MOM)
-        A += tl.dot(kt, tl.trans(kt), input_precision=PREC)
-        KB += tl.dot(kt * gp[:, None], tl.trans(w0t), input_precision=PREC)
-        if HAS_MOM:
-            KB += tl.dot(kt * Ep[:, None], tl.trans(s0t), input_precision=PREC)
-    A = tl.where(strict, A, 0.0)
-
     vmask = mc[:, None] & mo[None, :]
     wv = tl.load(WV + n * s_vn + rc[:, None] * s_vt + ro[None, :], mask=vmask, other=0.0).to(tl.float32)
-    rhs = KB + tl.dot(Dp * A, wv, input_precision=PREC)
     if HAS_C or HAS_RHO:
+        # pass 1 over d: A = K K^T and the base term gp.(K W0^T) + Ep.(K S0^T) (rows of K pre-scaled)
+        A = tl.zeros([BC, BC], tl.float32)
+        KB = tl.zeros([BC, BO], tl.float32)
+        for d0 in range(0, d_dim, BD):
+            dd = d0 + rd
+            kt, qt, w0t, s0t, woff, wmask = _load_tiles(K, Q, W0, S0, n, s_kn, s_kt, s_qn, s_qt, s_w, rc, mc,
+                                                        ro, mo, dd, dd < d_dim, d_dim, False, HAS_MOM)
+            A += tl.dot(kt, tl.trans(kt), input_precision=PREC)
+            KB += tl.dot(kt * gp[:, None], tl.trans(w0t), input_precision=PREC)
+            if HAS_MOM:
+                KB += tl.dot(kt * Ep[:, None], tl.trans(s0t), input_precision=PREC)
+        A = tl.where(strict, A, 0.0)
+        rhs = KB + tl.dot(Dp * A, wv, input_precision=PREC)
         L = tl.zeros([BC, BC], tl.float32)
         if HAS_C:
             cv = tl.load(CV + n * s_cn + rc, mask=mc, other=0.0).to(tl.float32)
@@ -172,8 +171,8 @@ def affine_fwd_kernel(
             rh = tl.load(RHO + n * s_pn + rc, mask=mc, other=0.0).to(tl.float32)
             L -= Dp * A * rh[None, :]
         Y = tl.dot(_inverse_unit_lower(L, c_len, BC, PREC), rhs, input_precision=PREC)
-    else:
-        Y = rhs * 0.0
+    else:  # no state-dependent write (gd with chunk-start or dot gradients): u = w, delta = 0
+        Y = wv * 0.0
     if HAS_C:
         delta = -cv[:, None] * Y
     else:
@@ -254,13 +253,15 @@ def affine_bwd_kernel(
         kt, qt, w0t, s0t, woff, wmask = _load_tiles(K, Q, W0, S0, n, s_kn, s_kt, s_qn, s_qt, s_w, rc, mc,
                                                     ro, mo, dd, dd < d_dim, d_dim, HAS_Q, HAS_MOM)
         dwn = tl.load(DWN + woff, mask=wmask, other=0.0).to(tl.float32)
-        A += tl.dot(kt, tl.trans(kt), input_precision=PREC)
-        KB += tl.dot(kt * gp[:, None], tl.trans(w0t), input_precision=PREC)
+        if HAS_C or HAS_RHO:
+            A += tl.dot(kt, tl.trans(kt), input_precision=PREC)
+            KB += tl.dot(kt * gp[:, None], tl.trans(w0t), input_precision=PREC)
+            if HAS_MOM:
+                KB += tl.dot(kt * Ep[:, None], tl.trans(s0t), input_precision=PREC)
         dP += tl.dot(kt, tl.trans(dwn), input_precision=PREC)
         dgL += tl.sum(tl.sum(dwn * w0t, 1), 0)
         if HAS_MOM:
             dsn = tl.load(DSN + woff, mask=wmask, other=0.0).to(tl.float32)
-            KB += tl.dot(kt * Ep[:, None], tl.trans(s0t), input_precision=PREC)
             dPm += tl.dot(kt, tl.trans(dsn), input_precision=PREC)
             dEL += tl.sum(tl.sum(dwn * s0t, 1), 0)
             dbC += tl.sum(tl.sum(dsn * s0t, 1), 0)
@@ -273,45 +274,50 @@ def affine_bwd_kernel(
     vmask = mc[:, None] & mo[None, :]
     voff = n * s_vn + rc[:, None] * s_vt + ro[None, :]
     wv = tl.load(WV + voff, mask=vmask, other=0.0).to(tl.float32)
-    rhs = KB + tl.dot(Dp * A, wv, input_precision=PREC)
     cv = tl.zeros([BC], tl.float32)
     rh = tl.zeros([BC], tl.float32)
     if HAS_C:
         cv = tl.load(CV + n * s_cn + rc, mask=mc, other=0.0).to(tl.float32)
     if HAS_RHO:
         rh = tl.load(RHO + n * s_pn + rc, mask=mc, other=0.0).to(tl.float32)
-    if HAS_C or HAS_RHO:
-        T = _inverse_unit_lower(Gp * A * cv[None, :] - Dp * A * rh[None, :], c_len, BC, PREC)
-        Y = tl.dot(T, rhs, input_precision=PREC)
-    else:
-        T = tl.where(ii == ss, 1.0, 0.0)
-        Y = rhs * 0.0
-    delta = -cv[:, None] * Y
-    u = wv + rh[:, None] * Y
     if HAS_Q:
         dR = tl.load(DR + n * s_rn + rc[:, None] * s_rt + ro[None, :], mask=vmask, other=0.0).to(tl.float32)
     else:
         dR = wv * 0.0
+    if HAS_C or HAS_RHO:
+        T = _inverse_unit_lower(Gp * A * cv[None, :] - Dp * A * rh[None, :], c_len, BC, PREC)
+        Y = tl.dot(T, KB + tl.dot(Dp * A, wv, input_precision=PREC), input_precision=PREC)
+    else:
+        Y = wv * 0.0
+    delta = -cv[:, None] * Y
+    u = wv + rh[:, None] * Y
     du = Dl[:, None] * dP + bl[:, None] * dPm + tl.dot(tl.trans(Dp * Aq), dR, input_precision=PREC)
     ddelta = gl[:, None] * dP + tl.dot(tl.trans(Gp * Aq), dR, input_precision=PREC)
-    drhs = tl.dot(tl.trans(T), rh[:, None] * du - cv[:, None] * ddelta, input_precision=PREC)
-    dL = tl.where(strict, -tl.dot(drhs, tl.trans(Y), input_precision=PREC), 0.0)
-    tl.store(DWV + voff, du + tl.dot(tl.trans(Dp * A), drhs, input_precision=PREC), mask=vmask)
-    pbase = ob * n_rows + n
-    if HAS_C:
-        dcv = -tl.sum(ddelta * Y, 1) + tl.sum(dL * Gp * A, 0)
-        tl.store(DCV + pbase * c_len + rc, dcv, mask=mc)
-    if HAS_RHO:
-        drh = tl.sum(du * Y, 1) - tl.sum(dL * Dp * A, 0)
-        tl.store(DRHO + pbase * c_len + rc, drh, mask=mc)
-    dM1 = dL * cv[None, :]                                                    # M1 = Gp.A
-    dM2 = tl.where(strict, tl.dot(drhs, tl.trans(wv), input_precision=PREC), 0.0) - dL * rh[None, :]
     dM3 = tl.where(strict, tl.dot(dR, tl.trans(u), input_precision=PREC), 0.0)      # M3 = Dp.Aq
     dM4 = tl.where(strict, tl.dot(dR, tl.trans(delta), input_precision=PREC), 0.0)  # M4 = Gp.Aq
-    dA = dM1 * Gp + dM2 * Dp
     dAq = dM3 * Dp + dM4 * Gp
-    dGp = dM1 * A + dM4 * Aq
-    dDp = dM2 * A + dM3 * Aq
+    dGp = dM4 * Aq
+    dDp = dM3 * Aq
+    pbase = ob * n_rows + n
+    if HAS_C or HAS_RHO:
+        drhs = tl.dot(tl.trans(T), rh[:, None] * du - cv[:, None] * ddelta, input_precision=PREC)
+        dL = tl.where(strict, -tl.dot(drhs, tl.trans(Y), input_precision=PREC), 0.0)
+        tl.store(DWV + voff, du + tl.dot(tl.trans(Dp * A), drhs, input_precision=PREC), mask=vmask)
+        dM1 = dL * cv[None, :]                                                    # M1 = Gp.A
+        dM2 = tl.where(strict, tl.dot(drhs, tl.trans(wv), input_precision=PREC), 0.0) - dL * rh[None, :]
+        dA = dM1 * Gp + dM2 * Dp
+        dGp += dM1 * A
+        dDp += dM2 * A
+        if HAS_C:
+            dcv = -tl.sum(ddelta * Y, 1) + tl.sum(dL * Gp * A, 0)
+            tl.store(DCV + pbase * c_len + rc, dcv, mask=mc)
+        if HAS_RHO:
+            drh = tl.sum(du * Y, 1) - tl.sum(dL * Dp * A, 0)
+            tl.store(DRHO + pbase * c_len + rc, drh, mask=mc)
+    else:
+        drhs = du * 0.0
+        dA = dAq * 0.0
+        tl.store(DWV + voff, du, mask=vmask)
     dDl = tl.sum(dP * u, 1)
     dgl = tl.sum(dP * delta, 1)
     dbl = tl.sum(dPm * u, 1)
@@ -345,16 +351,22 @@ def affine_bwd_kernel(
         kt, qt, w0t, s0t, woff, wmask = _load_tiles(K, Q, W0, S0, n, s_kn, s_kt, s_qn, s_qt, s_w, rc, mc,
                                                     ro, mo, dd, md, d_dim, HAS_Q, HAS_MOM)
         dwn = tl.load(DWN + woff, mask=wmask, other=0.0).to(tl.float32)
-        X1 = tl.dot(drhs, w0t, input_precision=PREC)                   # d(K W0^T) / gp
-        dgp += tl.sum(kt * X1, 1)
-        dk = tl.dot(dAs, kt, input_precision=PREC) + gp[:, None] * X1 + tl.dot(P, dwn, input_precision=PREC)
-        dw0 = gL * dwn + tl.dot(tl.trans(drhs * gp[:, None]), kt, input_precision=PREC)
+        dk = tl.dot(P, dwn, input_precision=PREC)
+        dw0 = gL * dwn
+        if HAS_C or HAS_RHO:
+            X1 = tl.dot(drhs, w0t, input_precision=PREC)               # d(K W0^T), before the gp scale
+            dgp += tl.sum(kt * X1, 1)
+            dk += tl.dot(dAs, kt, input_precision=PREC) + gp[:, None] * X1
+            dw0 += tl.dot(tl.trans(drhs * gp[:, None]), kt, input_precision=PREC)
         if HAS_MOM:
             dsn = tl.load(DSN + woff, mask=wmask, other=0.0).to(tl.float32)
-            X2 = tl.dot(drhs, s0t, input_precision=PREC)
-            dEp += tl.sum(kt * X2, 1)
-            dk += Ep[:, None] * X2 + tl.dot(Pm, dsn, input_precision=PREC)
-            ds0 = EL * dwn + bC * dsn + tl.dot(tl.trans(drhs * Ep[:, None]), kt, input_precision=PREC)
+            dk += tl.dot(Pm, dsn, input_precision=PREC)
+            ds0 = EL * dwn + bC * dsn
+            if HAS_C or HAS_RHO:
+                X2 = tl.dot(drhs, s0t, input_precision=PREC)
+                dEp += tl.sum(kt * X2, 1)
+                dk += Ep[:, None] * X2
+                ds0 += tl.dot(tl.trans(drhs * Ep[:, None]), kt, input_precision=PREC)
         if HAS_Q:
             X3 = tl.dot(dR, w0t, input_precision=PREC)
             dgp += tl.sum(qt * X3, 1)
