@@ -56,6 +56,24 @@ def memory_read(spec: MemorySpec, state: State, z: torch.Tensor) -> torch.Tensor
     return out
 
 
+def _tensors(args):
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, tuple):
+            yield from a
+
+
+def _to_fp32(args):
+    def cast(a):
+        if isinstance(a, torch.Tensor):
+            return a.float() if a.dtype in (torch.float16, torch.bfloat16) else a
+        if isinstance(a, tuple):
+            return tuple(cast(x) for x in a)
+        return a
+    return [cast(a) for a in args]
+
+
 def available_impls() -> tuple:
     impls = ["reference", "torch"]
     try:
@@ -86,12 +104,18 @@ def memory_chunk(
     """
     if spec.momentum != (mom is not None and beta is not None):
         raise ValueError(f"spec.momentum={spec.momentum} but mom/beta given={mom is not None}/{beta is not None}")
-    if impl == "torch":
-        from kernels.memory import chunk_torch
-        return chunk_torch.memory_chunk(spec, state, mom, k, vhat, eta, alpha, beta, q)
-    if impl == "reference":
-        from kernels.memory import naive
-        return naive.memory_chunk(spec, state, mom, k, vhat, eta, alpha, beta, q)
+    if impl in ("torch", "reference"):
+        if impl == "torch":
+            from kernels.memory.chunk_torch import memory_chunk as run
+        else:
+            from kernels.memory.naive import memory_chunk as run
+        args = (state, mom, k, vhat, eta, alpha, beta, q)
+        low = any(t.dtype in (torch.float16, torch.bfloat16) for t in _tensors(args))
+        if not low and not torch.is_autocast_enabled(k.device.type):
+            return run(spec, *args)
+        # bf16/fp16 inputs or autocast: state and accumulation stay in fp32
+        with torch.autocast(k.device.type, enabled=False):
+            return run(spec, *_to_fp32(args))
     if impl == "triton":
         from kernels.memory import triton_impl
         return triton_impl.memory_chunk(spec, state, mom, k, vhat, eta, alpha, beta, q)

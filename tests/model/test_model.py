@@ -93,3 +93,19 @@ def test_loss_ignores_masked_labels():
     full = model.loss(ids, masked)
     manual = torch.nn.functional.cross_entropy(model(ids)[:, :-1].reshape(-1, 64), labels[:, :-1].reshape(-1))
     torch.testing.assert_close(full, manual)
+
+
+def test_bf16_autocast_keeps_memory_state_in_fp32():
+    from kernels.memory.interface import MemorySpec, memory_chunk
+    spec = MemorySpec(kind="mlp", momentum=True)
+    N, c, d = 2, 5, 8
+    state = (torch.randn(N, d, 16), torch.randn(N, 16, d))
+    mom = tuple(torch.zeros_like(s) for s in state)
+    k = torch.nn.functional.normalize(torch.randn(N, c, d), dim=-1).bfloat16()
+    args = (k, torch.randn(N, c, d).bfloat16(), torch.rand(N, c) * 0.1, 0.9 + 0.1 * torch.rand(N, c),
+            torch.full((N,), 0.9), k)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reads, new, new_mom = memory_chunk(spec, state, mom, *args)
+    assert reads.dtype == torch.float32 and all(w.dtype == torch.float32 for w in new + new_mom)
+    ref = memory_chunk(spec, state, mom, *[a.float() for a in args])
+    torch.testing.assert_close(reads, ref[0])
