@@ -1,0 +1,480 @@
+"""``prepare_dataset``: source -> tokenizer -> packed WebDataset shards + manifest, on Ray.
+
+Flow (docs/DATA.md has the user-facing version):
+1. The driver lists the source into units (sources.py) and groups consecutive units into tasks.
+2. The tokenizer is trained in the driver on the train-split documents (or a given one is loaded)
+   and written to ``tokenizer.json``.
+3. Ray tasks read, decode, split and tokenize their group (``tokenize_group``); their token arrays
+   stay in the object store. The driver consumes the groups *in order* and, per split, appends them
+   to the packed stream; as soon as the stream covers a shard, a second task packs and serialises
+   that shard (``pack_shard``); the driver writes each returned shard atomically.
+4. Once every shard is on disk, ``report.json`` (timings) and last ``manifest.json`` are written.
+The output depends only on the documents, the tokenizer and the options, never on how units were
+grouped or how many workers ran: 1 and N workers give byte-identical directories.
+
+``workers=0`` runs the same task functions in this process without Ray (debugging).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from data_pipeline import shards as sh
+from data_pipeline.manifest import FORMAT, FORMAT_VERSION, MANIFEST_FILE, write_manifest
+from data_pipeline.sources import SourceError, SourceSpec, Unit, is_validation, list_units, read_unit
+from data_pipeline.tokenizer import TOKENIZER_FILE, TextTokenizer, prepare_given, sha256_bytes, train_bpe
+
+SPLITS = ("train", "val")
+SHARD_BYTES = 64 << 20
+OWN_FILES = re.compile(r"^(?:(?:train|val)-\d{6}\.(?:tar|idx\.npy)|tokenizer\.json|report\.json|manifest\.json"
+                       r"|\..+\.tmp-\d+)$")
+PACKING_RULE = ("per split, documents in order as [BOS] tokens [EOS], concatenated; sample i = "
+                "stream[i*T : i*T+T+1] (windows overlap by the one label token); the last window is "
+                "right-padded with PAD; samples = ceil(tokens / T); cu_seqlens marks document segments")
+
+
+# --------------------------------------------------------------------------------------- tasks
+_TOKENIZERS: Dict[str, TextTokenizer] = {}
+
+
+def _tokenizer(tok_json: str, sha: str) -> TextTokenizer:
+    if sha not in _TOKENIZERS:
+        _TOKENIZERS.clear()
+        _TOKENIZERS[sha] = TextTokenizer(tok_json, sha)
+    return _TOKENIZERS[sha]
+
+
+def tokenize_group(units: List[Unit], text_field: str, tok_json: str, tok_sha: str, val_fraction: float,
+                   seed: int):
+    """Read and tokenize a group of units. Returns ``(meta, train, val)``; ``train``/``val`` hold
+    ``tokens`` (uint32, every document as [BOS] ids [EOS], concatenated) and ``doc_lens``."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"   # one task = one core; Ray runs tasks side by side
+    tok = _tokenizer(tok_json, tok_sha)
+    texts = {s: [] for s in SPLITS}
+    meta = {"documents": 0, "empty_documents": 0, "invalid_utf8_documents": 0, "invalid_utf8_bytes": 0,
+            "raw_bytes": 0, "unit_sha256": []}
+    for unit in units:
+        h = hashlib.sha256()
+        for doc in read_unit(unit, text_field):
+            meta["documents"] += 1
+            meta["raw_bytes"] += doc.raw_bytes
+            h.update(len(doc.data).to_bytes(8, "little"))
+            h.update(doc.data)
+            if doc.invalid_bytes:
+                meta["invalid_utf8_documents"] += 1
+                meta["invalid_utf8_bytes"] += doc.invalid_bytes
+            if not doc.data:
+                meta["empty_documents"] += 1
+                continue
+            split = "val" if is_validation(doc.data, val_fraction, seed) else "train"
+            texts[split].append(doc.text)
+        meta["unit_sha256"].append(h.hexdigest())
+    out = []
+    for split in SPLITS:
+        ids = tok.encode_batch(texts[split]) if texts[split] else []
+        lens = np.fromiter((len(x) + 2 for x in ids), dtype=np.int64, count=len(ids))
+        tokens = np.empty(int(lens.sum()), dtype=np.uint32)
+        pos = 0
+        for x in ids:
+            tokens[pos] = tok.bos_id
+            tokens[pos + 1: pos + 1 + len(x)] = x
+            tokens[pos + 1 + len(x)] = tok.eos_id
+            pos += len(x) + 2
+        out.append({"tokens": tokens, "doc_lens": lens})
+    meta["split_tokens"] = {s: len(o["tokens"]) for s, o in zip(SPLITS, out)}
+    meta["split_documents"] = {s: len(o["doc_lens"]) for s, o in zip(SPLITS, out)}
+    return meta, out[0], out[1]
+
+
+def pack_shard(split: str, first_sample: int, n: int, seq_len: int, stream_end: int, offsets: List[int],
+               pad_id: int, token_dtype: str, *pieces) -> dict:
+    """Pack samples ``first_sample ..+n`` of a split from the group arrays that cover them."""
+    a = first_sample * seq_len
+    b = min((first_sample + n) * seq_len + 1, stream_end)
+    toks, starts = [], []
+    for off, piece in zip(offsets, pieces):
+        lo, hi = max(a, off), min(b, off + len(piece["tokens"]))
+        toks.append(piece["tokens"][lo - off: hi - off])
+        st = off + np.concatenate([[0], np.cumsum(piece["doc_lens"])[:-1]])
+        starts.append(st[(st >= a) & (st < b)])
+    tokens = np.concatenate(toks)
+    assert len(tokens) == b - a, (len(tokens), a, b)
+    samples = sh.pack_windows(tokens, np.concatenate(starts), first_sample, n, seq_len, stream_end, pad_id)
+    tar, index = sh.build_shard(split, first_sample, samples, token_dtype)
+    return {"tar": tar, "index": index, "sha256": hashlib.sha256(tar).hexdigest(),
+            "index_sha256": hashlib.sha256(index).hexdigest()}
+
+
+# --------------------------------------------------------------------------------------- packing plan
+@dataclass
+class ShardSpec:
+    split: str
+    index: int
+    first_sample: int
+    samples: int
+    stream_end: int                      # the split's stream length known so far (>= the shard's end)
+    pieces: List[Tuple[int, object]]     # (stream offset, handle of the group's split arrays)
+
+
+class SplitPacker:
+    """Tracks one split's stream and says when a shard's samples are fully covered."""
+
+    def __init__(self, split: str, seq_len: int, shard_samples: int):
+        self.split, self.T, self.S = split, seq_len, shard_samples
+        self.pieces: List[Tuple[int, int, object]] = []
+        self.length = 0
+        self.documents = 0
+        self.next_shard = 0
+
+    def add(self, handle, n_tokens: int, n_docs: int) -> List[ShardSpec]:
+        if n_tokens:
+            self.pieces.append((self.length, n_tokens, handle))
+            self.length += n_tokens
+            self.documents += n_docs
+        return self._ready(final=False)
+
+    def finish(self) -> List[ShardSpec]:
+        return self._ready(final=True)
+
+    def _ready(self, final: bool) -> List[ShardSpec]:
+        specs = []
+        while True:
+            first = self.next_shard * self.S
+            if final:
+                n = min(self.S, sh.num_samples(self.length, self.T) - first)
+                if n <= 0:
+                    break
+            elif self.length >= (first + self.S) * self.T + 1:   # + 1: the last sample's label token
+                n = self.S
+            else:
+                break
+            a, b = first * self.T, min((first + n) * self.T + 1, self.length)
+            pieces = [(off, h) for off, nt, h in self.pieces if off < b and off + nt > a]
+            specs.append(ShardSpec(self.split, self.next_shard, first, n, self.length, pieces))
+            self.next_shard += 1
+            keep_from = self.next_shard * self.S * self.T
+            self.pieces = [p for p in self.pieces if p[0] + p[1] > keep_from]
+        return specs
+
+
+# --------------------------------------------------------------------------------------- executors
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+
+class InlineExecutor:
+    """Runs tasks in this process, at submission (workers=0)."""
+    capacity = 1
+
+    def tokenize(self, units, *args):
+        return tuple(_Done(v) for v in tokenize_group(units, *args))
+
+    def shard(self, args, pieces):
+        return _Done(pack_shard(*args, *[p.value for p in pieces]))
+
+    def put(self, value):
+        return value
+
+    def wait(self, handles):
+        return list(handles)
+
+    def get(self, handle):
+        return handle.value
+
+
+class RayExecutor:
+    def __init__(self, workers: int, address: Optional[str]):
+        import ray
+        self.ray = ray
+        self.owns = False
+        if not ray.is_initialized():
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            if address or os.environ.get("RAY_ADDRESS"):
+                ray.init(address=address or None, log_to_driver=False)
+            else:
+                pkg_root = str(Path(__file__).resolve().parent.parent)
+                path = os.pathsep.join([pkg_root] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
+                         _temp_dir=f"/tmp/nlray-{os.getuid()}",
+                         runtime_env={"env_vars": {"PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}})
+            self.owns = True
+        self.capacity = workers
+        self._tok = ray.remote(num_cpus=1)(tokenize_group).options(num_returns=3)
+        self._shard = ray.remote(num_cpus=1)(pack_shard)
+
+    def tokenize(self, units, *args):
+        return tuple(self._tok.remote(units, *args))
+
+    def shard(self, args, pieces):
+        return self._shard.remote(*args, *pieces)
+
+    def put(self, value):
+        return self.ray.put(value)
+
+    def wait(self, handles):
+        ready, _ = self.ray.wait(list(handles), num_returns=1)
+        return ready
+
+    def get(self, handle):
+        try:
+            return self.ray.get(handle)
+        except self.ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, Exception):
+                raise cause from None
+            raise
+
+    def close(self):
+        if self.owns:
+            self.ray.shutdown()
+
+
+# --------------------------------------------------------------------------------------- driver
+def _group_units(units: List[Unit], workers: int) -> List[List[Unit]]:
+    total = sum(u.size for u in units)
+    target = min(max(total // (4 * max(workers, 1)), 256 << 10), 16 << 20)
+    groups, cur, size = [], [], 0
+    for u in units:
+        cur.append(u)
+        size += u.size
+        if size >= target:
+            groups.append(cur)
+            cur, size = [], 0
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out '{out}' is a file; pass a directory path")
+    if (out / MANIFEST_FILE).exists() and not overwrite:
+        raise FileExistsError(f"'{out}' already holds a prepared dataset ({MANIFEST_FILE}); pass --overwrite "
+                              f"to replace it or choose another --out")
+
+
+def _clean_out_dir(out: Path) -> None:
+    if (out / MANIFEST_FILE).exists():
+        (out / MANIFEST_FILE).unlink()       # first: from here on the directory is not a dataset
+    out.mkdir(parents=True, exist_ok=True)
+    for p in out.iterdir():                  # leftovers of an interrupted run; other files stay
+        if p.is_file() and OWN_FILES.match(p.name):
+            p.unlink()
+
+
+def _training_texts(units: List[Unit], text_field: str, val_fraction: float, seed: int, max_bytes: int,
+                    stats: dict):
+    for unit in units:
+        for doc in read_unit(unit, text_field):
+            if not doc.data or is_validation(doc.data, val_fraction, seed):
+                continue
+            stats["documents"] += 1
+            stats["bytes"] += len(doc.data)
+            yield doc.text
+            if stats["bytes"] >= max_bytes:
+                return
+
+
+def _log(progress: bool, msg: str) -> None:
+    if progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def prepare_dataset(source: SourceSpec = None, out_dir: str = "data/stdlib", vocab_size: int = 32000,
+                    seq_len: int = 4096, workers: Optional[int] = None, seed: int = 0, val_fraction: float = 0.01,
+                    text_field: str = "text", tokenizer_path: Optional[str] = None, *, max_documents: int = 0,
+                    shard_samples: int = 0, overwrite: bool = False, ray_address: Optional[str] = None,
+                    progress: bool = True, tokenizer_train_bytes: int = 1 << 30) -> dict:
+    """Prepare a tokenized, packed dataset in ``out_dir`` and return its manifest (see module doc)."""
+    t0 = time.perf_counter()
+    workers = (os.cpu_count() or 1) if workers is None else int(workers)
+    if seq_len < 2:
+        raise ValueError(f"seq_len ({seq_len}) must be at least 2")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction ({val_fraction}) must be in [0, 1); e.g. 0.01 holds out 1% of documents")
+    if workers < 0:
+        raise ValueError(f"workers ({workers}) must be >= 0 (0 = no Ray, everything in this process)")
+    out = Path(out_dir)
+    _check_out_dir(out, overwrite)                           # before any work
+    listing = list_units(source, text_field, max_documents)
+    given = prepare_given(tokenizer_path) if tokenizer_path else None
+    _clean_out_dir(out)
+
+    # ---- tokenizer
+    t_tok = time.perf_counter()
+    tok_info: dict
+    if given is None:
+        stats = {"documents": 0, "bytes": 0}
+        _log(progress, f"training a byte-level BPE tokenizer (vocab {vocab_size}) on the train documents ...")
+        tok_json = train_bpe(_training_texts(listing.units, text_field, val_fraction, seed,
+                                             tokenizer_train_bytes, stats), vocab_size)
+        if stats["documents"] == 0:
+            raise SourceError(f"source {_names(listing)} holds no non-empty training documents; point --source "
+                              f"at text (or lower --val-fraction, now {val_fraction})")
+        tok_info = {"source": "trained", "vocab_size_requested": vocab_size, "training_documents": stats["documents"],
+                    "training_bytes": stats["bytes"], "training_bytes_cap": tokenizer_train_bytes}
+    else:
+        tok_json, added = given
+        tok_info = {"source": "given", "given_path": str(Path(tokenizer_path).resolve()),
+                    "added_special_tokens": added}
+    tok_bytes = tok_json.encode("utf-8")
+    sh.atomic_write(out / TOKENIZER_FILE, tok_bytes)
+    tok = TextTokenizer(tok_json)
+    tok_seconds = time.perf_counter() - t_tok
+    token_dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
+    itemsize = np.dtype(token_dtype).itemsize
+    if not shard_samples:
+        per_sample = 3 * sh.BLOCK + -(-(128 + (seq_len + 1) * itemsize) // sh.BLOCK) * sh.BLOCK
+        shard_samples = max(1, SHARD_BYTES // per_sample)
+
+    # ---- tokenize, pack, write
+    t_run = time.perf_counter()
+    ex = InlineExecutor() if workers == 0 else RayExecutor(workers, ray_address)
+    try:
+        totals, shard_records = _run(ex, listing, text_field, tok_json, tok, val_fraction, seed, seq_len,
+                                     shard_samples, token_dtype, out, progress)
+    finally:
+        if isinstance(ex, RayExecutor):
+            ex.close()
+    run_seconds = time.perf_counter() - t_run
+
+    if totals["train_documents"] == 0:
+        if totals["documents"] == totals["empty_documents"]:
+            raise SourceError(f"source {_names(listing)} holds no non-empty documents ({totals['documents']} empty); "
+                              f"point --source at text")
+        raise SourceError(f"every document of {_names(listing)} hashed into validation (val_fraction="
+                          f"{val_fraction}); lower --val-fraction")
+    warnings = []
+    if val_fraction > 0 and totals["val_documents"] == 0:
+        warnings.append(f"the val split is empty: no document hashed below val_fraction={val_fraction}; "
+                        f"use more documents or a larger --val-fraction")
+        _log(progress, "warning: " + warnings[-1])
+    h = hashlib.sha256()
+    for u, digest in zip(listing.units, totals["unit_sha256"]):
+        h.update(f"{u.source_index}:{u.rel}:{u.part}:{digest}\n".encode())
+    splits = {}
+    by_split = {s: sorted(({k: v for k, v in r.items() if k != "split"} for r in shard_records if r["split"] == s),
+                          key=lambda r: r["first_sample"]) for s in SPLITS}
+    for split in SPLITS:
+        L, D = totals[f"{split}_tokens"], totals[f"{split}_documents"]
+        n = sh.num_samples(L, seq_len)
+        splits[split] = {"documents": D, "tokens": L, "text_tokens": L - 2 * D, "samples": n,
+                         "padding_tokens": n * seq_len - L, "label_tokens": L - D,
+                         "shards": by_split[split]}
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "seq_len": seq_len, "sample_tokens": seq_len + 1, "token_dtype": token_dtype,
+        "vocab_size": tok.vocab_size,
+        "special_tokens": {"pad": tok.pad_id, "bos": tok.bos_id, "eos": tok.eos_id},
+        "tokenizer": {"file": TOKENIZER_FILE, "sha256": sha256_bytes(tok_bytes), **tok_info},
+        "seed": seed, "val_fraction": val_fraction,
+        "split_rule": "val when blake2b-64(document utf-8, key='nl-pretrain-split'+seed) / 2**64 < val_fraction",
+        "text_field": text_field, "max_documents": max_documents,
+        "sources": listing.sources, "documents_sha256": h.hexdigest(),
+        "documents": {k: totals[k] for k in ("documents", "empty_documents", "invalid_utf8_documents",
+                                             "invalid_utf8_bytes", "raw_bytes")},
+        "packing": PACKING_RULE, "samples_per_shard": shard_samples,
+        "sample_members": {"tokens.npy": f"{token_dtype}[seq_len+1]", "cu_seqlens.npy": "int32[k+1]"},
+        "splits": splits, "warnings": warnings,
+    }
+    total_tokens = sum(splits[s]["tokens"] for s in SPLITS)
+    report = {"workers": workers, "executor": "inline" if workers == 0 else "ray",
+              "seconds": {"tokenizer": round(tok_seconds, 3), "tokenize_pack_write": round(run_seconds, 3),
+                          "total": round(time.perf_counter() - t0, 3)},
+              "tokens": total_tokens, "tokens_per_s": round(total_tokens / max(run_seconds, 1e-9), 1)}
+    sh.atomic_write(out / "report.json", (json.dumps(report, indent=1) + "\n").encode())
+    manifest = write_manifest(out, manifest)                 # last: only now is the directory a dataset
+    manifest["report"] = report       # returned to the caller, not stored in the manifest
+    return manifest
+
+
+def _names(listing) -> str:
+    return ", ".join(f"'{s['spec']}'" for s in listing.sources)
+
+
+def _run(ex, listing, text_field, tok_json, tok, val_fraction, seed, seq_len, shard_samples, token_dtype, out,
+         progress):
+    from tqdm import tqdm
+    groups = _group_units(listing.units, ex.capacity)
+    tok_ref = ex.put(tok_json)
+    packers = {s: SplitPacker(s, seq_len, shard_samples) for s in SPLITS}
+    totals = {k: 0 for k in ("documents", "empty_documents", "invalid_utf8_documents", "invalid_utf8_bytes",
+                             "raw_bytes", "train_tokens", "val_tokens", "train_documents", "val_documents")}
+    totals["unit_sha256"] = []
+    records = []
+    tok_handles: Dict[int, tuple] = {}
+    inflight: Dict[object, tuple] = {}
+    done = set()
+    queue = deque()
+    next_submit = next_consume = 0
+    finalized = False
+    lookahead = 2 * max(ex.capacity, 1) + 2
+    bar = tqdm(total=listing.total_bytes, unit="B", unit_scale=True, desc="tokenize+pack", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        while True:
+            while len(inflight) < max(ex.capacity, 1):
+                if queue:
+                    spec = queue.popleft()
+                    args = (spec.split, spec.first_sample, spec.samples, seq_len, spec.stream_end,
+                            [p[0] for p in spec.pieces], tok.pad_id, token_dtype)
+                    inflight[ex.shard(args, [p[1] for p in spec.pieces])] = ("shard", spec)
+                elif next_submit < len(groups) and next_submit < next_consume + lookahead:
+                    hs = ex.tokenize(groups[next_submit], text_field, tok_ref, tok.sha256, val_fraction, seed)
+                    tok_handles[next_submit] = hs
+                    inflight[hs[0]] = ("tok", next_submit)
+                    next_submit += 1
+                else:
+                    break
+            if not inflight:
+                break
+            for h in ex.wait(list(inflight)):
+                kind, x = inflight.pop(h)
+                if kind == "tok":
+                    done.add(x)
+                    continue
+                res = ex.get(h)
+                records.append(_write_shard(out, x, res))
+                bar.set_postfix(shards=len(records), refresh=False)
+            while next_consume in done:
+                meta_h, *split_h = tok_handles.pop(next_consume)
+                meta = ex.get(meta_h)
+                for k in ("documents", "empty_documents", "invalid_utf8_documents", "invalid_utf8_bytes",
+                          "raw_bytes"):
+                    totals[k] += meta[k]
+                totals["unit_sha256"].extend(meta["unit_sha256"])
+                for split, handle in zip(SPLITS, split_h):
+                    n_tok, n_doc = meta["split_tokens"][split], meta["split_documents"][split]
+                    totals[f"{split}_tokens"] += n_tok
+                    totals[f"{split}_documents"] += n_doc
+                    queue.extend(packers[split].add(handle, n_tok, n_doc))
+                bar.update(sum(u.size for u in groups[next_consume]))
+                done.discard(next_consume)
+                next_consume += 1
+            if next_consume == len(groups) and not finalized:
+                finalized = True
+                for p in packers.values():
+                    queue.extend(p.finish())
+    finally:
+        bar.close()
+    return totals, records
+
+
+def _write_shard(out: Path, spec: ShardSpec, res: dict) -> dict:
+    name = f"{spec.split}-{spec.index:06d}"
+    sh.atomic_write(out / f"{name}.idx.npy", res["index"])
+    sh.atomic_write(out / f"{name}.tar", res["tar"])
+    return {"split": spec.split, "file": f"{name}.tar", "index": f"{name}.idx.npy",
+            "first_sample": spec.first_sample, "samples": spec.samples, "bytes": len(res["tar"]),
+            "sha256": res["sha256"], "index_bytes": len(res["index"]), "index_sha256": res["index_sha256"]}

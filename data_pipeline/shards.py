@@ -1,0 +1,157 @@
+"""Packed samples, their WebDataset tar shards, and the per-shard offset index.
+
+Packing rule (documented in docs/DATA.md). Per split, every document becomes ``[BOS] tokens [EOS]``
+and the documents are concatenated in document order into one stream of ``L`` tokens. Sample ``i``
+is the window ``stream[i*T : i*T + T + 1]`` (T = seq_len): its first T tokens are the inputs, the
+extra token is the label of the last input. Consecutive windows overlap by that one token, so every
+stream token is an input exactly once and every token after the first is a label candidate exactly
+once. The last window is right-padded with PAD; there are ``ceil(L / T)`` samples and nothing is
+dropped. A document that does not fit the rest of a window continues at the start of the next one.
+
+A sample is two tar members, readable by ``tar`` and ``webdataset``:
+- ``<key>.tokens.npy``: the T + 1 token ids (uint16 when the vocabulary fits, else uint32);
+- ``<key>.cu_seqlens.npy``: int32 ``[0, e_1, ..., e_k]``, the ends of the document segments inside the
+  window (flash-attn style cumulative lengths); the last entry is the number of real tokens, the
+  positions after it are padding. A new document starts at every inner entry.
+``key`` is ``<split>-<global sample index, 9 digits>``. Tar headers are fixed (mtime 0, uid 0, mode
+0644), so the bytes depend only on the samples. ``<shard>.idx.npy`` holds the int64 byte offsets of
+each sample's first header (plus the end), which gives the loader random access.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+import numpy as np
+
+BLOCK = 512
+RECORD = 20 * BLOCK      # tar's default blocking factor, as tarfile and GNU tar write it
+
+
+class CorruptShardError(ValueError):
+    """A shard whose bytes do not match what the manifest and index promise."""
+
+
+# --------------------------------------------------------------------------------------- packing
+def num_samples(stream_tokens: int, seq_len: int) -> int:
+    return -(-stream_tokens // seq_len)
+
+
+def pack_windows(tokens: np.ndarray, doc_starts: np.ndarray, first_sample: int, n: int, seq_len: int,
+                 stream_end: int, pad_id: int) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """The samples ``first_sample .. first_sample + n - 1``.
+
+    ``tokens`` holds the stream from position ``first_sample * seq_len`` on (at least up to the last
+    window's end or ``stream_end``); ``doc_starts`` are the absolute stream positions of document
+    starts in that range; ``stream_end`` is L, the length of the whole stream.
+    """
+    base = first_sample * seq_len
+    out = []
+    for j in range(n):
+        a = base + j * seq_len
+        b = min(a + seq_len + 1, stream_end)
+        win = np.full(seq_len + 1, pad_id, dtype=np.uint32)
+        win[: b - a] = tokens[a - base: b - base]
+        lo, hi = np.searchsorted(doc_starts, [a + 1, b])
+        cu = np.concatenate([[0], doc_starts[lo:hi] - a, [b - a]]).astype(np.int32)
+        out.append((win, cu))
+    return out
+
+
+# --------------------------------------------------------------------------------------- tar
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _member(name: str, data: bytes) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    pad = (-len(data)) % BLOCK
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict") + data + b"\0" * pad
+
+
+def sample_key(split: str, index: int) -> str:
+    return f"{split}-{index:09d}"
+
+
+def build_shard(split: str, first_index: int, samples: Sequence[Tuple[np.ndarray, np.ndarray]],
+                token_dtype: str) -> Tuple[bytes, bytes]:
+    """``(tar bytes, index .npy bytes)`` for consecutive samples starting at global ``first_index``."""
+    parts, offsets, pos = [], [], 0
+    for j, (tokens, cu) in enumerate(samples):
+        key = sample_key(split, first_index + j)
+        rec = (_member(f"{key}.tokens.npy", _npy_bytes(tokens.astype(token_dtype)))
+               + _member(f"{key}.cu_seqlens.npy", _npy_bytes(cu.astype(np.int32))))
+        offsets.append(pos)
+        parts.append(rec)
+        pos += len(rec)
+    offsets.append(pos)
+    end = pos + 2 * BLOCK
+    parts.append(b"\0" * (2 * BLOCK + (-end) % RECORD))
+    return b"".join(parts), _npy_bytes(np.asarray(offsets, dtype=np.int64))
+
+
+# --------------------------------------------------------------------------------------- files
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a hidden temporary name in the same directory, fsync, then rename: a reader sees
+    either nothing or the whole file, whatever happens to this process."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+# --------------------------------------------------------------------------------------- reading
+def _read_npy(buf: memoryview) -> np.ndarray:
+    return np.load(io.BytesIO(buf), allow_pickle=False)
+
+
+def parse_record(buf: bytes, key: str, shard: str) -> Tuple[np.ndarray, np.ndarray]:
+    """The (tokens, cu_seqlens) of one sample record; CorruptShardError names the shard otherwise."""
+    mv = memoryview(buf)
+    out = []
+    pos = 0
+    for suffix in ("tokens.npy", "cu_seqlens.npy"):
+        want = f"{key}.{suffix}"
+        try:
+            info = tarfile.TarInfo.frombuf(bytes(mv[pos:pos + BLOCK]), "utf-8", "surrogateescape")
+        except tarfile.HeaderError as exc:
+            raise CorruptShardError(f"shard '{shard}' is corrupt: bad tar header for '{want}' at record offset "
+                                    f"{pos} ({exc}); prepare the dataset again") from exc
+        if info.name != want or pos + BLOCK + info.size > len(mv):
+            raise CorruptShardError(f"shard '{shard}' is corrupt: expected member '{want}', found '{info.name}' "
+                                    f"({info.size} bytes); prepare the dataset again")
+        try:
+            out.append(_read_npy(mv[pos + BLOCK: pos + BLOCK + info.size]))
+        except ValueError as exc:
+            raise CorruptShardError(f"shard '{shard}' is corrupt: member '{want}' is not a valid .npy "
+                                    f"({exc}); prepare the dataset again") from exc
+        pos += BLOCK + info.size + (-info.size) % BLOCK
+    return out[0], out[1]
