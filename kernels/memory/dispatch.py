@@ -42,3 +42,23 @@ def resolve_impl(requested: str, device: torch.device) -> str:
                          "interpreter; set TRITON_INTERPRET=1 before starting Python, run on a CUDA "
                          "device, or use memory_impl 'auto' or 'torch'")
     return "triton"
+
+
+def memory_sequence(spec, state, mom, k, vhat, eta, alpha, beta, q, chunk: int, impl: str = "torch"):
+    """A memory over a whole sequence in chunks of ``chunk`` tokens, for plain (state-independent)
+    targets ``vhat``: the model's chunk loop of :func:`kernels.memory.memory_chunk`, or, with
+    ``impl='triton'`` on a memory the whole-sequence kernel supports (linear, running or dot
+    gradient), one fused launch (:mod:`kernels.memory.triton_sequence`). Same returns as
+    ``memory_chunk``, with reads for all T tokens (None when ``q`` is None)."""
+    if impl == "triton":
+        from kernels.memory.triton_sequence import linear_memory_sequence, sequence_supported
+        if sequence_supported(spec):
+            return linear_memory_sequence(spec, state, mom, k, vhat, eta, alpha, beta, q, chunk)
+    from kernels.memory import memory_chunk
+    outs, T = [], k.shape[1]
+    for s in range(0, T, chunk):
+        sl = slice(s, min(s + chunk, T))
+        o, state, mom = memory_chunk(spec, state, mom, k[:, sl], vhat[:, sl], eta[:, sl], alpha[:, sl], beta,
+                                     q[:, sl] if q is not None else None, impl=impl)
+        outs.append(o)
+    return (torch.cat(outs, 1) if q is not None else None), state, mom

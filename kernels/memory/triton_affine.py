@@ -125,15 +125,15 @@ def _load_tiles(K, Q, W0, S0, n, s_kn, s_kt, s_qn, s_qt, s_w, rc, mc, ro, mo, dd
 
 
 @triton.jit
-def affine_fwd_kernel(
+def fwd_chunk(
     W0, S0, K, Q, CV, RHO, WV, LA, BETA, R, WN, SN,
-    c_len, o_dim, d_dim,
+    n, ob, c_len, o_dim, d_dim,
     s_w, s_kn, s_kt, s_qn, s_qt, s_vn, s_vt, s_rn, s_rt, s_cn, s_pn, s_la,
     HAS_C: tl.constexpr, HAS_RHO: tl.constexpr, HAS_MOM: tl.constexpr, HAS_Q: tl.constexpr,
     BC: tl.constexpr, BO: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
 ):
-    n = tl.program_id(0)
-    ob = tl.program_id(1)
+    """Forward of row ``n``, column block ``ob`` over one chunk whose pointers start at its first
+    token (token inputs) and at its start / end state (W0, S0 / WN, SN, all with row stride s_w)."""
     rc = tl.arange(0, BC)
     ro = ob * BO + tl.arange(0, BO)
     rd = tl.arange(0, BD)
@@ -211,19 +211,18 @@ def affine_fwd_kernel(
 
 
 @triton.jit
-def affine_bwd_kernel(
+def bwd_chunk(
     W0, S0, K, Q, CV, RHO, WV, LA, BETA, DR, DWN, DSN,
     DW0, DS0, DWV, DK, DQ, DCV, DRHO, DLA, DBETA,
-    c_len, o_dim, d_dim, n_rows,
+    n, ob, c_len, o_dim, d_dim, n_rows, s_pt, s_pb,
     s_w, s_kn, s_kt, s_qn, s_qt, s_vn, s_vt, s_rn, s_rt, s_cn, s_pn, s_la,
     HAS_C: tl.constexpr, HAS_RHO: tl.constexpr, HAS_MOM: tl.constexpr, HAS_Q: tl.constexpr,
     BC: tl.constexpr, BO: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
 ):
-    """VJP of :func:`affine_fwd_kernel`. Outputs DW0, DS0, DWV are owned by this column block;
-    DK, DQ ``(blocks, N, c, d)``, DCV, DRHO, DLA ``(blocks, N, c)``, DBETA ``(blocks, N)`` are
-    per-block partial sums (contiguous)."""
-    n = tl.program_id(0)
-    ob = tl.program_id(1)
+    """VJP of :func:`fwd_chunk` (pointers placed the same way; DWN/DSN are the cotangents of the
+    end state, DW0/DS0 receive those of the start state). DW0, DS0, DWV belong to this column
+    block; DK, DQ ``(blocks, N, s_pt, d)``, DCV, DRHO, DLA ``(blocks, N, s_pt)`` and DBETA
+    ``(blocks, N, s_pb)`` are per-block partial sums, pointers placed at this chunk."""
     rc = tl.arange(0, BC)
     ro = ob * BO + tl.arange(0, BO)
     rd = tl.arange(0, BD)
@@ -310,10 +309,10 @@ def affine_bwd_kernel(
         dDp += dM2 * A
         if HAS_C:
             dcv = -tl.sum(ddelta * Y, 1) + tl.sum(dL * Gp * A, 0)
-            tl.store(DCV + pbase * c_len + rc, dcv, mask=mc)
+            tl.store(DCV + pbase * s_pt + rc, dcv, mask=mc)
         if HAS_RHO:
             drh = tl.sum(du * Y, 1) - tl.sum(dL * Dp * A, 0)
-            tl.store(DRHO + pbase * c_len + rc, drh, mask=mc)
+            tl.store(DRHO + pbase * s_pt + rc, drh, mask=mc)
     else:
         drhs = du * 0.0
         dA = dAq * 0.0
@@ -378,8 +377,8 @@ def affine_bwd_kernel(
                 dEp += tl.sum(qt * X4, 1)
                 dq += Ep[:, None] * X4
                 ds0 += tl.dot(tl.trans(dR * Ep[:, None]), qt, input_precision=PREC)
-            tl.store(DQ + (pbase * c_len + rc[:, None]) * d_dim + dd[None, :], dq, mask=mc[:, None] & md[None, :])
-        tl.store(DK + (pbase * c_len + rc[:, None]) * d_dim + dd[None, :], dk, mask=mc[:, None] & md[None, :])
+            tl.store(DQ + (pbase * s_pt + rc[:, None]) * d_dim + dd[None, :], dq, mask=mc[:, None] & md[None, :])
+        tl.store(DK + (pbase * s_pt + rc[:, None]) * d_dim + dd[None, :], dk, mask=mc[:, None] & md[None, :])
         tl.store(DW0 + woff, dw0, mask=wmask)
         if HAS_MOM:
             tl.store(DS0 + woff, ds0, mask=wmask)
@@ -396,9 +395,41 @@ def affine_bwd_kernel(
         last = rc < c_len - 1
         dbeta += tl.sum(tl.where(last, dbl * m_bl * tl.exp(tl.where(last, (m_bl - 1.0) * lb, 0.0)), 0.0), 0)
         dbeta += dbC * c_len * tl.exp((c_len - 1) * lb)
-        tl.store(DBETA + pbase, dbeta)
+        tl.store(DBETA + pbase * s_pb, dbeta)
     dlgL = tl.sum(dgl * gl, 0) + dgL * gL
     dlg += tl.where(rc == c_len - 1, dlgL, 0.0) + dlgp
     dla = tl.cumsum(dlg, 0, reverse=True) - dlgp
-    tl.store(DLA + pbase * c_len + rc, dla, mask=mc)
+    tl.store(DLA + pbase * s_pt + rc, dla, mask=mc)
 
+
+
+@triton.jit
+def affine_fwd_kernel(
+    W0, S0, K, Q, CV, RHO, WV, LA, BETA, R, WN, SN,
+    c_len, o_dim, d_dim,
+    s_w, s_kn, s_kt, s_qn, s_qt, s_vn, s_vt, s_rn, s_rt, s_cn, s_pn, s_la,
+    HAS_C: tl.constexpr, HAS_RHO: tl.constexpr, HAS_MOM: tl.constexpr, HAS_Q: tl.constexpr,
+    BC: tl.constexpr, BO: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+):
+    """One chunk; grid ``(N, column blocks)``."""
+    fwd_chunk(W0, S0, K, Q, CV, RHO, WV, LA, BETA, R, WN, SN,
+              tl.program_id(0), tl.program_id(1), c_len, o_dim, d_dim,
+              s_w, s_kn, s_kt, s_qn, s_qt, s_vn, s_vt, s_rn, s_rt, s_cn, s_pn, s_la,
+              HAS_C, HAS_RHO, HAS_MOM, HAS_Q, BC, BO, BD, PREC)
+
+
+@triton.jit
+def affine_bwd_kernel(
+    W0, S0, K, Q, CV, RHO, WV, LA, BETA, DR, DWN, DSN,
+    DW0, DS0, DWV, DK, DQ, DCV, DRHO, DLA, DBETA,
+    c_len, o_dim, d_dim, n_rows,
+    s_w, s_kn, s_kt, s_qn, s_qt, s_vn, s_vt, s_rn, s_rt, s_cn, s_pn, s_la,
+    HAS_C: tl.constexpr, HAS_RHO: tl.constexpr, HAS_MOM: tl.constexpr, HAS_Q: tl.constexpr,
+    BC: tl.constexpr, BO: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+):
+    """VJP of one chunk; grid ``(N, column blocks)``; partials ``(blocks, N, c, ...)``."""
+    bwd_chunk(W0, S0, K, Q, CV, RHO, WV, LA, BETA, DR, DWN, DSN,
+              DW0, DS0, DWV, DK, DQ, DCV, DRHO, DLA, DBETA,
+              tl.program_id(0), tl.program_id(1), c_len, o_dim, d_dim, n_rows, c_len, 1,
+              s_w, s_kn, s_kt, s_qn, s_qt, s_vn, s_vt, s_rn, s_rt, s_cn, s_pn, s_la,
+              HAS_C, HAS_RHO, HAS_MOM, HAS_Q, BC, BO, BD, PREC)

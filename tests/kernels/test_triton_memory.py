@@ -174,3 +174,46 @@ def test_interp_rows_are_isolated():
 def test_interp_dispatch_allows_cpu_under_interpreter():
     from kernels.memory.dispatch import resolve_impl
     assert resolve_impl("triton", torch.device("cpu")) == "triton"
+
+
+# -- whole-sequence kernel (chunk loop inside the kernel) ---------------------------------------
+SEQ_SPECS = ["lin_dgd_l2_running_mom", "lin_gd_l2_running", "lin_dgd_dot"]
+
+
+def run_memory_sequence(spec, ins, chunk, impl):
+    from kernels.memory.dispatch import memory_sequence
+    reads, state, mom = memory_sequence(spec, ins["state"], ins["mom"], ins["k"], ins["vhat"], ins["eta"],
+                                        ins["alpha"], ins["beta"], ins["q"], chunk, impl=impl)
+    return (reads,) + tuple(state) + (tuple(mom) if mom is not None else ())
+
+
+@interp
+@pytest.mark.parametrize("name", SEQ_SPECS)
+def test_interp_sequence_kernel_vs_chunk_loop(name):
+    """One launch over 21 tokens in chunks of 8 (short last chunk) == the chunk loop in PyTorch."""
+    spec = SPECS[name]
+    ins = memory_inputs(spec, N=3, T=21, d=8)
+    _check_outputs_and_grads(lambda: run_memory_sequence(spec, ins, 8, "triton"),
+                             lambda: run_memory_sequence(spec, ins, 8, "torch"), flat_inputs(ins), TOL)
+
+
+@interp
+def test_interp_sequence_kernel_tiles(monkeypatch):
+    """Several column blocks and input tiles carried through 3 chunks of 16 + 1 token."""
+    from kernels.memory import triton_impl
+    monkeypatch.setitem(triton_impl.TILE_CAP, "o", 16)
+    monkeypatch.setitem(triton_impl.TILE_CAP, "d", 16)
+    spec = SPECS["lin_dgd_l2_running_mom"]
+    ins = memory_inputs(spec, N=2, T=49, d=20, d_out=36)
+    _check_outputs_and_grads(lambda: run_memory_sequence(spec, ins, 16, "triton"),
+                             lambda: run_memory_sequence(spec, ins, 16, "torch"), flat_inputs(ins), TOL)
+
+
+@interp
+def test_interp_sequence_kernel_refuses_state_dependent_writes():
+    from kernels.memory.triton_sequence import linear_memory_sequence
+    spec = SPECS["lin_dgd_l2_chunkstart_mom"]
+    ins = memory_inputs(spec, N=1, T=4, d=8)
+    with pytest.raises(ValueError, match="running or dot"):
+        linear_memory_sequence(spec, ins["state"], ins["mom"], ins["k"], ins["vhat"], ins["eta"], ins["alpha"],
+                               ins["beta"], ins["q"], 4)
