@@ -4,8 +4,11 @@
     python bench/kernels.py --quick    # anywhere: tiny shapes, PyTorch path only on CPU
 
 Implementations: ``torch`` (chunk-parallel PyTorch, kernels/memory/chunk_torch.py), ``triton``
-(kernels/memory/triton_impl.py, CUDA only) and, for the gated-delta-rule case, flash-linear-
-attention's ``chunk_gated_delta_rule`` when ``fla`` imports (CUDA only). Every implementation runs
+(kernels/memory/triton_impl.py, the model's per-chunk loop, CUDA only), ``triton_seq`` (the
+whole-sequence kernel, kernels/memory/triton_sequence.py, linear memories with plain targets) and,
+for the gated-delta-rule case, flash-linear-attention's ``chunk_gated_delta_rule`` when ``fla``
+imports (CUDA only). On CPU with ``TRITON_INTERPRET=1`` the Triton rows run in the interpreter on
+minute shapes (a plumbing check, not a speed). Every implementation runs
 the whole sequence (the model's chunk loop for ours, one call for fla), forward then backward of the
 sum of all outputs. Prints a table and writes JSON (default bench/results/kernels.json).
 
@@ -30,6 +33,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from kernels.memory import MemorySpec  # noqa: E402
+from kernels.memory.dispatch import interpreter_on, memory_sequence  # noqa: E402
 from kernels.memory.interface import available_impls  # noqa: E402
 from kernels.testing import memory_inputs, run_sequence  # noqa: E402
 
@@ -38,6 +42,7 @@ PRESETS = {  # d_model, heads (d_h = d_model / heads), batch so that batch x 409
     "1.3b": dict(d_model=2048, heads=8, T=4096, batch=4, chunk=64, e=2),
 }
 QUICK = {"tiny": dict(d_model=128, heads=4, T=256, batch=1, chunk=32, e=2)}
+INTERP = {"minute": dict(d_model=32, heads=2, T=40, batch=1, chunk=16, e=2)}
 CASES = {  # the memories HOPE and Gated DeltaNet run (nl_pretrain/presets.py)
     "hope_proj_linear": MemorySpec("linear", "gd", "l2", "running", True),
     "hope_main_mlp": MemorySpec("mlp", "gd", "l2", "chunk_start", True),
@@ -133,13 +138,19 @@ def bench_ours(spec, impl, shape, device, dtype, warmup, reps):
     ins = memory_inputs(spec, N=N, T=T, d=d, e=shape["e"], token_dtype=dtype, device=device,
                         eta_scale=1 / 16, alpha_gap=0.002)
 
+    def run():
+        if impl != "triton_seq":
+            return run_sequence(spec, ins, shape["chunk"], impl)
+        reads, state, mom = memory_sequence(spec, ins["state"], ins["mom"], ins["k"], ins["vhat"], ins["eta"],
+                                            ins["alpha"], ins["beta"], ins["q"], shape["chunk"], impl="triton")
+        return (reads,) + tuple(state) + (tuple(mom) if mom is not None else ())
+
     def fwd():
         with torch.no_grad():
-            run_sequence(spec, ins, shape["chunk"], impl)
+            run()
 
     def fwd_bwd():
-        outs = run_sequence(spec, ins, shape["chunk"], impl)
-        sum(o.float().sum() for o in outs).backward()
+        sum(o.float().sum() for o in run()).backward()
     return _measure(fwd, fwd_bwd, device, warmup, reps)
 
 
@@ -200,9 +211,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shapes = QUICK if (args.quick or device.type != "cuda") else PRESETS
+    interp = device.type == "cpu" and interpreter_on() and "triton" in available_impls()
+    shapes = INTERP if interp else QUICK if (args.quick or device.type != "cuda") else PRESETS
     reps = args.reps or (2 if device.type != "cuda" else 10)
-    impls = ["torch"] + (["triton"] if device.type == "cuda" and "triton" in available_impls() else [])
+    triton_ok = (device.type == "cuda" or interp) and "triton" in available_impls()
+    impls = ["torch"] + (["triton"] if triton_ok else [])
     peak_flops, peak_bw, dev_name = ceilings(device)
     token_bytes = torch.finfo(dtype).bits // 8
     rows = []
@@ -212,7 +225,8 @@ def main(argv=None):
             spec = CASES[cname]
             flops = 3 * memory_flops(spec, N, T, d, shape["e"], shape["chunk"])
             nbytes = memory_bytes(spec, N, T, d, shape["e"], shape["chunk"], token_bytes)
-            todo = [(i, lambda i=i: bench_ours(spec, i, shape, device, dtype, 1, reps)) for i in impls]
+            mine = impls + (["triton_seq"] if "triton" in impls and spec.kind == "linear" else [])
+            todo = [(i, lambda i=i: bench_ours(spec, i, shape, device, dtype, 1, reps)) for i in mine]
             if cname == "gated_deltanet" and device.type == "cuda":
                 todo.append(("fla", lambda: bench_fla(shape, device, dtype, 1, reps)))
             for impl, fn in todo:
@@ -229,7 +243,7 @@ def main(argv=None):
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                 rows.append(row)
                 _print_row(row)
-    result = dict(device=dev_name, torch=torch.__version__, quick=shapes is QUICK,
+    result = dict(device=dev_name, torch=torch.__version__, quick=shapes is not PRESETS, interpreter=interp,
                   ceilings=dict(bf16_flops=peak_flops, hbm_bytes_per_s=peak_bw),
                   flop_convention="train = 3 x forward matmul FLOPs (affine_flops/memory_flops)",
                   rows=rows)
@@ -246,15 +260,15 @@ _HEADER = False
 def _print_row(r):
     global _HEADER
     if not _HEADER:
-        print(f"{'shape':6} {'case':17} {'impl':6} {'N':>4} {'T':>5} {'d_h':>4} {'fwd ms':>9} {'fwd+bwd ms':>11} "
+        print(f"{'shape':6} {'case':17} {'impl':10} {'N':>4} {'T':>5} {'d_h':>4} {'fwd ms':>9} {'fwd+bwd ms':>11} "
               f"{'TFLOP/s':>8} {'GB/s':>8} {'%flop':>6} {'%bw':>6} {'peak MiB':>9}")
         _HEADER = True
     if "error" in r:
-        print(f"{r['shape']:6} {r['case']:17} {r['impl']:6} error: {r['error']}")
+        print(f"{r['shape']:6} {r['case']:17} {r['impl']:10} error: {r['error']}")
         return
     pct = lambda x: f"{x:6.2f}" if x is not None else "     -"  # noqa: E731
     mem = f"{r['peak_mib']:9.0f}" if r["peak_mib"] is not None else "        -"
-    print(f"{r['shape']:6} {r['case']:17} {r['impl']:6} {r['N']:4d} {r['T']:5d} {r['d_h']:4d} {r['fwd_ms']:9.2f} "
+    print(f"{r['shape']:6} {r['case']:17} {r['impl']:10} {r['N']:4d} {r['T']:5d} {r['d_h']:4d} {r['fwd_ms']:9.2f} "
           f"{r['fwd_bwd_ms']:11.2f} {r['tflops']:8.3f} {r['gbps']:8.2f} {pct(r['pct_flops_peak'])} "
           f"{pct(r['pct_bw_peak'])} {mem}")
 

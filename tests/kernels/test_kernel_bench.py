@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -33,6 +35,20 @@ def test_quick_bench_writes_json(tmp_path):
     for row in data["rows"]:
         assert "error" not in row, row
         assert row["fwd_bwd_ms"] > 0 and row["tflops"] > 0 and row["train_flops"] > 0
+
+
+@pytest.mark.slow
+def test_bench_triton_rows_under_interpreter(tmp_path):
+    """The GPU code path of the bench (triton, triton_seq rows) runs, in the interpreter."""
+    pytest.importorskip("triton")
+    out = tmp_path / "kernels.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "kernels.py"), "--reps", "1", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["impl"] for r in rows} == {"torch", "triton", "triton_seq"}
+    assert not [r for r in rows if "error" in r], rows
 
 
 @pytest.mark.parametrize("spec", [
