@@ -29,13 +29,20 @@ SPECS = {
 TOL = {torch.float32: 1e-3, torch.bfloat16: 3e-2}
 
 
-def _compare(spec, N, T, d, chunk, token_dtype, e=2):
+def _sequence_kernel(spec, ins, chunk, impl):
+    from kernels.memory.dispatch import memory_sequence
+    reads, state, mom = memory_sequence(spec, ins["state"], ins["mom"], ins["k"], ins["vhat"], ins["eta"],
+                                        ins["alpha"], ins["beta"], ins["q"], chunk, impl=impl)
+    return (reads,) + tuple(state) + (tuple(mom) if mom is not None else ())
+
+
+def _compare(spec, N, T, d, chunk, token_dtype, e=2, runner=run_sequence):
     torch.backends.cuda.matmul.allow_tf32 = False
     # eta ~ 1/16 of the short-run range and alpha >= 0.998: stable and not decayed to 0 at T = 4096
     ins = memory_inputs(spec, N=N, T=T, d=d, e=e, token_dtype=token_dtype, device="cuda",
                         eta_scale=1 / 16, alpha_gap=0.002)
     ref_ins = {k: as_leaves(v, torch.float64) for k, v in ins.items()}
-    out = run_sequence(spec, ins, chunk, "triton")
+    out = runner(spec, ins, chunk, "triton")
     ref = run_sequence(spec, ref_ins, chunk, "torch")
     tol = TOL[token_dtype]
     for i, (a, b) in enumerate(zip(out, ref)):
@@ -61,6 +68,14 @@ def test_gpu_sequence_4k(name, d, token_dtype):
 @pytest.mark.parametrize("name", ["hope_main_linear", "mlp_dgd_mom"])
 def test_gpu_short_last_chunk(name, token_dtype):
     _compare(SPECS[name], N=32, T=1000, d=64, chunk=64, token_dtype=token_dtype, e=4)
+
+
+@pytest.mark.parametrize("token_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T", [4096, 1000])
+@pytest.mark.parametrize("name", ["hope_main_linear", "gated_deltanet"])
+def test_gpu_whole_sequence_kernel(name, T, token_dtype):
+    """The chunk loop inside the kernel (kernels/memory/triton_sequence.py), d = 128."""
+    _compare(SPECS[name], N=32, T=T, d=128, chunk=64, token_dtype=token_dtype, runner=_sequence_kernel)
 
 
 def test_gpu_rows_are_isolated():
