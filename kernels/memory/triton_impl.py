@@ -7,8 +7,8 @@ call; an MLP memory is W2 (the weight that reads k, where the dgd preconditioner
 preparation (``-eta (W0 k - vhat)``, the MLP chunk-start gradients) stays in PyTorch matmuls.
 
 Precision: states, momenta, decay and every accumulation are fp32; k/q may be bf16 (loaded and
-upcast inside the kernel, dots in tf32 on GPU, IEEE fp32 for fp32 inputs). New states and momenta
-come back fp32, reads in ``q``'s dtype.
+upcast inside the kernel, dots in tf32 on GPU, IEEE fp32 for fp32 inputs). Reads, new states and
+momenta come back fp32, as from the PyTorch path with bf16 inputs.
 
 Autograd: :class:`AffineRank1Chunk` saves only its inputs (the chunk-start state and the chunk's
 tokens) and its backward kernel recomputes the chunk's c x c matrices, the solve and the reads, so
@@ -169,7 +169,15 @@ def affine_rank1_chunk(W0, S0, K, Q, c, rho, w, log_alpha, beta):
 
 
 def memory_chunk(spec: MemorySpec, state, mom, k, vhat, eta, alpha, beta, q=None):
-    """Triton equivalent of :func:`kernels.memory.chunk_torch.memory_chunk` (same contract)."""
+    """Triton equivalent of :func:`kernels.memory.chunk_torch.memory_chunk` (same contract).
+
+    Reads, states and momenta come back fp32 whatever the input dtypes (as the PyTorch path does
+    for bf16 inputs); autocast is off inside, so the PyTorch prep matmuls stay fp32 too."""
+    with torch.autocast(k.device.type, enabled=False):
+        return _memory_chunk(spec, state, mom, k, vhat, eta, alpha, beta, q)
+
+
+def _memory_chunk(spec: MemorySpec, state, mom, k, vhat, eta, alpha, beta, q=None):
     state = tuple(s.float() for s in state)
     mom = tuple(s.float() for s in mom) if mom is not None else None
     eta, log_alpha = eta.float(), alpha.float().log()
@@ -186,7 +194,6 @@ def memory_chunk(spec: MemorySpec, state, mom, k, vhat, eta, alpha, beta, q=None
         else:                                      # grad at M_ref = W0
             w, rho = -eta[..., None] * (k.float() @ W0.transpose(1, 2) - vh), None
         reads, W, S = affine_rank1_chunk(W0, S0, k, q, dgd_c, rho, w, log_alpha, b)
-        reads = reads.to(q.dtype) if reads is not None else None
         return reads, (W,), ((S,) if S is not None else None)
 
     W1, W2 = state
@@ -202,6 +209,6 @@ def memory_chunk(spec: MemorySpec, state, mom, k, vhat, eta, alpha, beta, q=None
     reads = None
     if q is not None:
         residual = spec.residual and W1.shape[1] == W2.shape[2]
-        reads = (reads1 + q.float() if residual else reads1).to(q.dtype)
+        reads = reads1 + q.float() if residual else reads1
     new_mom = (S1n, S2n) if spec.momentum else None
     return reads, (W1n, W2n), new_mom

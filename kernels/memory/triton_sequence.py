@@ -171,11 +171,16 @@ def sequence_supported(spec: MemorySpec) -> bool:
 def linear_memory_sequence(spec: MemorySpec, state, mom, k, vhat, eta, alpha, beta, q, chunk: int):
     """The whole sequence of :func:`kernels.memory.interface.memory_chunk` calls in chunks of
     ``chunk`` tokens (last one possibly short), in one launch: ``k, q: (N, T, d)``, ``vhat: (N, T, o)``,
-    ``eta, alpha: (N, T)``. Returns ``(reads (N, T, o) in q's dtype, (W_T,), (S_T,) or None)``."""
+    ``eta, alpha: (N, T)``. Returns ``(reads (N, T, o), (W_T,), (S_T,) or None)``, all fp32."""
     if not sequence_supported(spec):
         raise ValueError(f"whole-sequence kernel needs a linear memory with the running or dot gradient; "
                          f"got kind={spec.kind} loss={spec.loss} grad_at={spec.grad_at}: use the chunk loop")
     _blocks(chunk, 1, 1)                               # validates chunk <= MAX_CHUNK
+    with torch.autocast(k.device.type, enabled=False):
+        return _linear_memory_sequence(spec, state, mom, k, vhat, eta, alpha, beta, q, chunk)
+
+
+def _linear_memory_sequence(spec, state, mom, k, vhat, eta, alpha, beta, q, chunk):
     (W0,) = state
     W0 = W0.float().contiguous()
     S0 = mom[0].float().contiguous() if spec.momentum else None
@@ -185,5 +190,4 @@ def linear_memory_sequence(spec: MemorySpec, state, mom, k, vhat, eta, alpha, be
     dgd_c = eta if spec.rule == "dgd" else None
     b = beta.float().contiguous() if spec.momentum else None
     reads, W_T, S_T = AffineRank1Sequence.apply(W0, S0, k, q, dgd_c, rho, w, alpha.float().log(), b, chunk)
-    reads = reads.to(q.dtype) if q is not None else None
-    return reads, (W_T,), ((S_T,) if spec.momentum else None)
+    return (reads if q is not None else None), (W_T,), ((S_T,) if spec.momentum else None)
