@@ -4,4 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
+if [ ! -f data/stdlib-4k/manifest.json ]; then
+    .venv/bin/nl-pretrain prepare-data --source default --out data/stdlib-4k --vocab-size 4096 --seq-len 256
+fi
 exec .venv/bin/nl-pretrain train --config configs/tiny_hope.yaml "$@"

@@ -20,7 +20,7 @@ def test_train_writes_run_directory_and_learns(tmp_path, config):
                   "--train.log_every=4", "--train.eval_every=12", "--train.eval_batches=2",
                   "--train.micro_batch_size=4", "--data.seq_len=64", "--data.max_documents=60",
                   "--data.val_fraction=0.2", "--model.vocab_size=259", "--train.progress=false",
-                  "--optim.warmup_steps=4")
+                  "--optim.warmup_steps=4", "--data.dataset=")
     assert "held-out loss" in res.stdout
     assert (run / "config.yaml").is_file() and (run / "summary.json").is_file()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -47,3 +47,22 @@ def test_missing_dataset_names_the_fix(tmp_path):
     res = run_cli("train", "--config", "configs/tiny_hope.yaml", f"--train.run_dir={tmp_path / 'r'}",
                   f"--data.dataset={tmp_path / 'nope'}", check=False)
     assert res.returncode == 2 and "prepare-data" in res.stderr
+
+
+@pytest.mark.slow
+def test_train_on_prepared_dataset(tmp_path):
+    from data_pipeline import prepare_dataset
+    ds = tmp_path / "ds"
+    prepare_dataset("default", str(ds), vocab_size=512, seq_len=64, workers=0, val_fraction=0.2,
+                    max_documents=40, progress=False)
+    run = tmp_path / "run"
+    res = run_cli("train", "--config", "configs/tiny_hope.yaml", f"--train.run_dir={run}", "--train.steps=12",
+                  "--train.log_every=6", "--train.eval_every=12", "--train.eval_batches=2",
+                  "--train.micro_batch_size=4", "--data.seq_len=64", f"--data.dataset={ds}",
+                  "--train.progress=false", "--optim.warmup_steps=2")
+    assert "held-out loss" in res.stdout
+    ckpt = torch.load(run / "checkpoints" / "final.pt", weights_only=False)
+    assert ckpt["data"]["samples_consumed"] == 12 * 4          # the loader's global position is saved
+    bad = run_cli("train", "--config", "configs/tiny_hope.yaml", f"--train.run_dir={run}2", f"--data.dataset={ds}",
+                  "--data.seq_len=128", check=False)
+    assert bad.returncode == 2 and "differs from the dataset's seq_len (64)" in bad.stderr
