@@ -166,27 +166,27 @@ def _coerce(path: str, value: Any, typ: Any) -> Any:
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{path}={value!r} is not a boolean (use true or false)")
     if typ in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(f"{path}={value!r} must be a number")
-        try:
-            num = float(value) if typ is float else int(value)
-            if typ is int and isinstance(value, float) and value != int(value):
-                raise ValueError
-            if typ is int and isinstance(value, str) and float(value) != int(float(value)):
-                raise ValueError
-        except (TypeError, ValueError):
-            try:
-                if typ is int and float(value) == int(float(value)):
-                    return int(float(value))
-            except (TypeError, ValueError):
-                pass
-            raise ConfigError(f"{path}={value!r} is not {'an integer' if typ is int else 'a number'}")
-        return num
+        return _number(path, value, typ)
     if typ is str:
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{path}={value!r} must be a string")
         return str(value)
     return value
+
+
+def _number(path: str, value: Any, typ: type):
+    kind = "an integer" if typ is int else "a number"
+    if isinstance(value, bool):
+        raise ConfigError(f"{path}={value!r} is not {kind}")
+    try:
+        num = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{path}={value!r} is not {kind}") from None
+    if typ is float:
+        return num
+    if num != int(num):
+        raise ConfigError(f"{path}={value!r} is not {kind}")
+    return int(num)
 
 
 def _from_dict(cls, data: Dict[str, Any], prefix: str = ""):
@@ -227,8 +227,7 @@ def parse_overrides(args: List[str]) -> List[tuple]:
 
 def _walk_validate(cfg: RunConfig) -> None:
     def check(path, value):
-        generic = path.split("[")[0] if "[" in path else path
-        generic = ".".join(p.split("[")[0] for p in path.split("."))
+        generic = ".".join(p.split("[")[0] for p in path.split("."))   # model.cms[0].kind -> model.cms.kind
         if generic in CHOICES and value not in CHOICES[generic]:
             raise ConfigError(f"{path}={value!r} is not one of {list(CHOICES[generic])}")
         if generic in POSITIVE and not value > 0:
@@ -251,8 +250,6 @@ def _walk_validate(cfg: RunConfig) -> None:
     if m.adaptive_projections and not m.self_targets:
         raise ConfigError("model.self_targets=false needs model.adaptive_projections=false: plain targets "
                           "v_t are undefined for the scalar eta/alpha memories (docs/MODEL.md)")
-    if m.linear_grad == "running" and m.main_memory == "mlp" and m.proj_memory == "mlp":
-        pass  # running applies to linear memories only; mlp memories always use chunk-start gradients
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
     if cfg.data.seq_len > m.max_seq_len:
