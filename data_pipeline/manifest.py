@@ -1,7 +1,8 @@
 """``manifest.json``: what a prepared dataset holds, written last and atomically.
 
-The fingerprint is the sha256 of the canonical JSON of every other field; the loader recomputes it,
-so an edited manifest is caught, and its state carries it, so resuming on other data is an error.
+The fingerprint is the sha256 of the canonical JSON of every field that defines the samples (all but
+the provenance: ``sources`` and a given tokenizer's path); the loader recomputes it, so an edited
+manifest is caught, and its state carries it, so resuming on other data is an error.
 Nothing in the manifest depends on the number of workers or on the time of the run (those go to
 ``report.json``), which is why 1 and N workers give byte-identical datasets.
 """
@@ -23,7 +24,11 @@ class ManifestError(ValueError):
 
 
 def fingerprint(manifest: dict) -> str:
-    body = {k: v for k, v in manifest.items() if k != "fingerprint"}
+    """sha256 of everything that defines the samples. Provenance is left out (``sources`` with its
+    absolute roots, the path a given tokenizer came from), so the same data prepared from a corpus
+    at another path, or on another machine, keeps its fingerprint."""
+    body = {k: v for k, v in manifest.items() if k not in ("fingerprint", "sources")}
+    body["tokenizer"] = {k: v for k, v in body.get("tokenizer", {}).items() if k != "given_path"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

@@ -1,10 +1,5 @@
 import os
-from pathlib import Path
-
 import pytest
-
-REPO = str(Path(__file__).resolve().parents[2])
-
 
 @pytest.fixture(scope="module")
 def ray_cluster():
@@ -12,7 +7,6 @@ def ray_cluster():
     import ray
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=f"/tmp/nlray-t{os.getuid()}",
-                 runtime_env={"env_vars": {"PYTHONPATH": REPO, "TOKENIZERS_PARALLELISM": "false"}})
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=f"/tmp/nlray-t{os.getuid()}")
     yield ray
     ray.shutdown()
