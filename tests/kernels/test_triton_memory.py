@@ -235,3 +235,30 @@ def test_interp_bf16_tokens_under_autocast(name):
     out = run("triton")
     assert all(o.dtype == torch.float32 for o in out)
     _check_outputs_and_grads(lambda: out, lambda: run("torch"), flat_inputs(ins), TOL, grad_tol=1e-2)
+
+
+@interp
+@pytest.mark.parametrize("family", ["hope", "gated_deltanet"])
+def test_interp_model_with_triton_memories_equals_torch(family):
+    """The whole tiny model (projection, main and CMS context memories) with memory_impl=triton."""
+    from nl_pretrain.config import build_config
+    from nl_pretrain.model import LanguageModel
+    x = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(0))
+    results = []
+    for impl in ("triton", "torch"):
+        m = {"preset": f"{family}-tiny", "d_model": 32, "n_heads": 2, "vocab_size": 64, "chunk_mem": 4,
+             "chunk_proj": 3, "memory_impl": impl}
+        if family == "hope":
+            m["cms"] = [{"kind": "context", "period": 4, "expansion": 1.0}, {"kind": "step", "period": 1, "expansion": 2.0}]
+        torch.manual_seed(0)
+        model = LanguageModel(build_config({"model": m, "data": {"seq_len": 16}}).model)
+        logits = model(x)
+        weights = torch.sin(torch.arange(logits.numel(), dtype=logits.dtype)).view_as(logits)
+        params = [p for p in model.parameters()]
+        results.append((logits, torch.autograd.grad((logits * weights).sum(), params, allow_unused=True)))
+    (la, ga), (lb, gb) = results
+    assert rel_err(la, lb) < TOL
+    for a, b in zip(ga, gb):
+        assert (a is None) == (b is None)
+        if b is not None:
+            assert rel_err(a, b) < 1e-4
