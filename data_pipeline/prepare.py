@@ -209,7 +209,7 @@ class RayExecutor:
                 pkg_root = str(Path(__file__).resolve().parent.parent)
                 os.environ["PYTHONPATH"] = os.pathsep.join([pkg_root] + ([saved] if saved else []))
                 try:
-                    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
+                    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False,
                              _temp_dir=f"/tmp/nlray-{os.getuid()}")
                 finally:
                     if saved is None:

@@ -63,21 +63,41 @@ def pack_windows(tokens: np.ndarray, doc_starts: np.ndarray, first_sample: int, 
 
 
 # --------------------------------------------------------------------------------------- tar
+_NPY_HEADERS = {}
+
+
 def _npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
+    """Exactly what ``np.save`` writes, with the header cached per (dtype, shape): packing writes two
+    small arrays per sample and the header would otherwise cost more than the data."""
+    key = (arr.dtype.str, arr.shape)
+    if key not in _NPY_HEADERS:
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)
+        _NPY_HEADERS[key] = buf.getvalue()[:-arr.nbytes or None]
+    return _NPY_HEADERS[key] + np.ascontiguousarray(arr).tobytes()
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+
+
+_HEADER_TEMPLATE = bytearray(_tar_header("", 0))
+_HEADER_TEMPLATE[148:156] = b" " * 8
 
 
 def _member(name: str, data: bytes) -> bytes:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    pad = (-len(data)) % BLOCK
-    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict") + data + b"\0" * pad
+    """One ustar member; the header is ``tarfile``'s (mtime 0, uid/gid 0, mode 0644), patched from a
+    template for speed (tested equal to ``tarfile.TarInfo.tobuf``)."""
+    raw = name.encode("utf-8")
+    if len(raw) > 100:
+        return _tar_header(name, len(data)) + data + b"\0" * ((-len(data)) % BLOCK)
+    hdr = bytearray(_HEADER_TEMPLATE)
+    hdr[0:len(raw)] = raw
+    hdr[124:136] = b"%011o\0" % len(data)
+    hdr[148:156] = b"%06o\0 " % sum(hdr)
+    return bytes(hdr) + data + b"\0" * ((-len(data)) % BLOCK)
 
 
 def sample_key(split: str, index: int) -> str:
