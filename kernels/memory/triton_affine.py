@@ -6,17 +6,19 @@ chunk of ``c`` tokens, with ``Gp/Dp/gp/Ep`` the decay coefficients of the state 
     A   = K K^T (strictly lower),       Aq = Q K^T (strictly lower)
     L   = (Gp.A) diag(c) - (Dp.A) diag(rho)
     rhs = gp.(K W0^T) + Ep.(K S0^T) + (Dp.A) w
-    Y   = (I + L)^{-1} rhs               (forward substitution, in registers)
+    Y   = (I + L)^{-1} rhs               (blocked substitution as matmuls, in registers)
     delta = -c.Y,   u = w + rho.Y
     reads = gp.(Q W0^T) + Ep.(Q S0^T) + (Dp.Aq) u + (Gp.Aq) delta
     W_new = gamma_c W0 + E_c S0 + (Dl.u + gl.delta)^T K,     S_new = beta^c S0 + (bl.u)^T K
 
-Grid: one program per (row, block of BO output columns). The columns of W are independent given the
-c x c matrices, so each program recomputes A, the decay matrices and ``T = (I+L)^{-1}`` for its
-block (cheap: c^2 d) and the d dimension is looped in BD tiles. The backward kernel recomputes the
-forward inside the chunk from the saved inputs (nothing c x c is stored between passes) and writes
-the VJP derived in docs/KERNELS.md; quantities shared by all column blocks (dK, dQ, dc, drho,
-dlog_alpha, dbeta) are written per block and summed by the caller, so the result is deterministic.
+``fwd_chunk`` / ``bwd_chunk`` are the bodies for one (row, block of BO output columns) and one chunk;
+``affine_fwd_kernel`` / ``affine_bwd_kernel`` run them on a grid of (rows, column blocks), and
+:mod:`kernels.memory.triton_sequence` loops them over the chunks of a sequence. The columns of W
+are independent given the c x c matrices, so each program recomputes A, the decay matrices and
+``T = (I+L)^{-1}`` for its block (cheap: c^2 d); d is looped in BD tiles. The backward recomputes
+the chunk's forward from the saved inputs (nothing c x c is stored between passes) and applies the
+VJP derived in docs/KERNELS.md; quantities shared by all column blocks (dK, dQ, dc, drho,
+dlog_alpha, dbeta) are written per block and summed by the caller, so results are deterministic.
 Everything inside a program is fp32 whatever the input dtype.
 """
 from __future__ import annotations
