@@ -149,8 +149,46 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
 
 
 # --------------------------------------------------------------------------------------- reading
-def _read_npy(buf: memoryview) -> np.ndarray:
-    return np.load(io.BytesIO(buf), allow_pickle=False)
+_NPY_READ: dict = {}      # npy header bytes -> (dtype, shape, header length)
+
+
+def _corrupt(shard: str, what: str) -> CorruptShardError:
+    return CorruptShardError(f"shard '{shard}' is corrupt: {what}; prepare the dataset again")
+
+
+def _read_npy(buf: memoryview, shard: str, name: str) -> np.ndarray:
+    """``np.load`` for the arrays we wrote, with the header parse cached (it is most of the cost)."""
+    if len(buf) < 10 or bytes(buf[:6]) != b"\x93NUMPY" or buf[6] != 1:
+        raise _corrupt(shard, f"member '{name}' is not a version 1 .npy")
+    hlen = 10 + int.from_bytes(buf[8:10], "little")
+    key = bytes(buf[:hlen])
+    if key not in _NPY_READ:
+        try:
+            f = io.BytesIO(key)
+            np.lib.format.read_magic(f)
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        except ValueError as exc:
+            raise _corrupt(shard, f"member '{name}' has a bad .npy header ({exc})") from exc
+        if fortran or dtype.hasobject:
+            raise _corrupt(shard, f"member '{name}' is not a plain C-order array")
+        _NPY_READ[key] = (dtype, shape, hlen)
+    dtype, shape, hlen = _NPY_READ[key]
+    count = int(np.prod(shape))
+    if len(buf) - hlen != count * dtype.itemsize:
+        raise _corrupt(shard, f"member '{name}' holds {len(buf) - hlen} data bytes for shape {shape}")
+    return np.frombuffer(buf, dtype=dtype, count=count, offset=hlen).reshape(shape)
+
+
+def _read_header(hdr: bytes, shard: str, want: str):
+    """(name, size) of a ustar header, checksum verified (what ``tarfile`` checks, without its cost)."""
+    try:
+        stored = int(hdr[148:156].strip(b"\0 ") or b"-1", 8)
+        size = int(hdr[124:136].strip(b"\0 ") or b"-1", 8)
+    except ValueError:
+        stored = size = -1
+    if len(hdr) < BLOCK or stored != sum(hdr[:148]) + 256 + sum(hdr[156:BLOCK]) or size < 0:
+        raise _corrupt(shard, f"bad tar header for '{want}'")
+    return hdr[:100].split(b"\0", 1)[0].decode("utf-8", "replace"), size
 
 
 def parse_record(buf: bytes, key: str, shard: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -160,18 +198,9 @@ def parse_record(buf: bytes, key: str, shard: str) -> Tuple[np.ndarray, np.ndarr
     pos = 0
     for suffix in ("tokens.npy", "cu_seqlens.npy"):
         want = f"{key}.{suffix}"
-        try:
-            info = tarfile.TarInfo.frombuf(bytes(mv[pos:pos + BLOCK]), "utf-8", "surrogateescape")
-        except tarfile.HeaderError as exc:
-            raise CorruptShardError(f"shard '{shard}' is corrupt: bad tar header for '{want}' at record offset "
-                                    f"{pos} ({exc}); prepare the dataset again") from exc
-        if info.name != want or pos + BLOCK + info.size > len(mv):
-            raise CorruptShardError(f"shard '{shard}' is corrupt: expected member '{want}', found '{info.name}' "
-                                    f"({info.size} bytes); prepare the dataset again")
-        try:
-            out.append(_read_npy(mv[pos + BLOCK: pos + BLOCK + info.size]))
-        except ValueError as exc:
-            raise CorruptShardError(f"shard '{shard}' is corrupt: member '{want}' is not a valid .npy "
-                                    f"({exc}); prepare the dataset again") from exc
-        pos += BLOCK + info.size + (-info.size) % BLOCK
+        name, size = _read_header(bytes(mv[pos:pos + BLOCK]), shard, want)
+        if name != want or pos + BLOCK + size > len(mv):
+            raise _corrupt(shard, f"expected member '{want}', found '{name}' ({size} bytes)")
+        out.append(_read_npy(mv[pos + BLOCK: pos + BLOCK + size], shard, want))
+        pos += BLOCK + size + (-size) % BLOCK
     return out[0], out[1]
