@@ -106,8 +106,9 @@ def main(argv=None) -> int:
     c = result["corpus"]
     print(f"\nhost: {os.cpu_count()} CPUs, load average {result['host']['load_average_at_start'][0]} at start, "
           f"{result['host']['load_average_at_end'][0]} at end (other processes share the cores when > 0)")
-    print(f"\ncorpus '{c['source']}': {c['documents']} documents, {c['raw_bytes'] / 1e6:.1f} MB, {c['tokens']:,} tokens; "
-          f"tokenizer vocab {result['tokenizer']['vocab_size']} trained in {result['tokenizer']['train_seconds']:.1f} s")
+    t = result["tokenizer"]
+    print(f"\ncorpus '{c['source']}': {c['documents']} documents, {c['raw_bytes'] / 1e6:.1f} MB, {c['tokens']:,} "
+          f"tokens; tokenizer vocab {t['vocab_size']} trained in {t['train_seconds']:.1f} s")
     print(f"\n{'prepare':<22}{'ray start s':>12}{'seconds':>10}{'tokens/s':>12}{'MB/s':>8}{'identical':>11}")
     for p in result["prepare"]:
         name = "in-process (no Ray)" if p["executor"] == "inline" else f"Ray, {p['workers']} worker(s)"

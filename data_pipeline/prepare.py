@@ -12,7 +12,8 @@ Flow (docs/DATA.md has the user-facing version):
 The output depends only on the documents, the tokenizer and the options, never on how units were
 grouped or how many workers ran: 1 and N workers give byte-identical directories.
 
-``workers=0`` runs the same task functions in this process without Ray (debugging).
+``workers=0`` runs the same task functions in this process without Ray (debugging). The task bodies
+are in packing.py, the executors in executors.py.
 """
 from __future__ import annotations
 
@@ -23,229 +24,24 @@ import re
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import numpy as np
 
 from data_pipeline import shards as sh
+from data_pipeline.executors import InlineExecutor, RayExecutor
 from data_pipeline.manifest import FORMAT, FORMAT_VERSION, MANIFEST_FILE, write_manifest
+from data_pipeline.packing import SPLITS, ShardSpec, SplitPacker
 from data_pipeline.sources import SourceError, SourceSpec, Unit, is_validation, list_units, read_unit
 from data_pipeline.tokenizer import TOKENIZER_FILE, TextTokenizer, prepare_given, sha256_bytes, train_bpe
 
-SPLITS = ("train", "val")
 SHARD_BYTES = 64 << 20
 OWN_FILES = re.compile(r"^(?:(?:train|val)-\d{6}\.(?:tar|idx\.npy)|tokenizer\.json|report\.json|manifest\.json"
                        r"|\..+\.tmp-\d+)$")
 PACKING_RULE = ("per split, documents in order as [BOS] tokens [EOS], concatenated; sample i = "
                 "stream[i*T : i*T+T+1] (windows overlap by the one label token); the last window is "
                 "right-padded with PAD; samples = ceil(tokens / T); cu_seqlens marks document segments")
-
-
-# --------------------------------------------------------------------------------------- tasks
-_TOKENIZERS: Dict[str, TextTokenizer] = {}
-
-
-def _tokenizer(tok_json: str, sha: str) -> TextTokenizer:
-    if sha not in _TOKENIZERS:
-        _TOKENIZERS.clear()
-        _TOKENIZERS[sha] = TextTokenizer(tok_json, sha)
-    return _TOKENIZERS[sha]
-
-
-def tokenize_group(units: List[Unit], text_field: str, tok_json: str, tok_sha: str, val_fraction: float,
-                   seed: int):
-    """Read and tokenize a group of units. Returns ``(meta, train, val)``; ``train``/``val`` hold
-    ``tokens`` (uint32, every document as [BOS] ids [EOS], concatenated) and ``doc_lens``."""
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"   # one task = one core; Ray runs tasks side by side
-    tok = _tokenizer(tok_json, tok_sha)
-    texts = {s: [] for s in SPLITS}
-    meta = {"documents": 0, "empty_documents": 0, "invalid_utf8_documents": 0, "invalid_utf8_bytes": 0,
-            "raw_bytes": 0, "unit_sha256": []}
-    for unit in units:
-        h = hashlib.sha256()
-        for doc in read_unit(unit, text_field):
-            meta["documents"] += 1
-            meta["raw_bytes"] += doc.raw_bytes
-            h.update(len(doc.data).to_bytes(8, "little"))
-            h.update(doc.data)
-            if doc.invalid_bytes:
-                meta["invalid_utf8_documents"] += 1
-                meta["invalid_utf8_bytes"] += doc.invalid_bytes
-            if not doc.data:
-                meta["empty_documents"] += 1
-                continue
-            split = "val" if is_validation(doc.data, val_fraction, seed) else "train"
-            texts[split].append(doc.text)
-        meta["unit_sha256"].append(h.hexdigest())
-    out = []
-    for split in SPLITS:
-        ids = tok.encode_batch(texts[split]) if texts[split] else []
-        lens = np.fromiter((len(x) + 2 for x in ids), dtype=np.int64, count=len(ids))
-        tokens = np.empty(int(lens.sum()), dtype=np.uint32)
-        pos = 0
-        for x in ids:
-            tokens[pos] = tok.bos_id
-            tokens[pos + 1: pos + 1 + len(x)] = x
-            tokens[pos + 1 + len(x)] = tok.eos_id
-            pos += len(x) + 2
-        out.append({"tokens": tokens, "doc_lens": lens})
-    meta["split_tokens"] = {s: len(o["tokens"]) for s, o in zip(SPLITS, out)}
-    meta["split_documents"] = {s: len(o["doc_lens"]) for s, o in zip(SPLITS, out)}
-    return meta, out[0], out[1]
-
-
-def pack_shard(split: str, first_sample: int, n: int, seq_len: int, stream_end: int, offsets: List[int],
-               pad_id: int, token_dtype: str, *pieces) -> dict:
-    """Pack samples ``first_sample ..+n`` of a split from the group arrays that cover them."""
-    a = first_sample * seq_len
-    b = min((first_sample + n) * seq_len + 1, stream_end)
-    toks, starts = [], []
-    for off, piece in zip(offsets, pieces):
-        lo, hi = max(a, off), min(b, off + len(piece["tokens"]))
-        toks.append(piece["tokens"][lo - off: hi - off])
-        st = off + np.concatenate([[0], np.cumsum(piece["doc_lens"])[:-1]])
-        starts.append(st[(st >= a) & (st < b)])
-    tokens = np.concatenate(toks)
-    assert len(tokens) == b - a, (len(tokens), a, b)
-    samples = sh.pack_windows(tokens, np.concatenate(starts), first_sample, n, seq_len, stream_end, pad_id)
-    tar, index = sh.build_shard(split, first_sample, samples, token_dtype)
-    return {"tar": tar, "index": index, "sha256": hashlib.sha256(tar).hexdigest(),
-            "index_sha256": hashlib.sha256(index).hexdigest()}
-
-
-# --------------------------------------------------------------------------------------- packing plan
-@dataclass
-class ShardSpec:
-    split: str
-    index: int
-    first_sample: int
-    samples: int
-    stream_end: int                      # the split's stream length known so far (>= the shard's end)
-    pieces: List[Tuple[int, object]]     # (stream offset, handle of the group's split arrays)
-
-
-class SplitPacker:
-    """Tracks one split's stream and says when a shard's samples are fully covered."""
-
-    def __init__(self, split: str, seq_len: int, shard_samples: int):
-        self.split, self.T, self.S = split, seq_len, shard_samples
-        self.pieces: List[Tuple[int, int, object]] = []
-        self.length = 0
-        self.documents = 0
-        self.next_shard = 0
-
-    def add(self, handle, n_tokens: int, n_docs: int) -> List[ShardSpec]:
-        if n_tokens:
-            self.pieces.append((self.length, n_tokens, handle))
-            self.length += n_tokens
-            self.documents += n_docs
-        return self._ready(final=False)
-
-    def finish(self) -> List[ShardSpec]:
-        return self._ready(final=True)
-
-    def _ready(self, final: bool) -> List[ShardSpec]:
-        specs = []
-        while True:
-            first = self.next_shard * self.S
-            if final:
-                n = min(self.S, sh.num_samples(self.length, self.T) - first)
-                if n <= 0:
-                    break
-            elif self.length >= (first + self.S) * self.T + 1:   # + 1: the last sample's label token
-                n = self.S
-            else:
-                break
-            a, b = first * self.T, min((first + n) * self.T + 1, self.length)
-            pieces = [(off, h) for off, nt, h in self.pieces if off < b and off + nt > a]
-            specs.append(ShardSpec(self.split, self.next_shard, first, n, self.length, pieces))
-            self.next_shard += 1
-            keep_from = self.next_shard * self.S * self.T
-            self.pieces = [p for p in self.pieces if p[0] + p[1] > keep_from]
-        return specs
-
-
-# --------------------------------------------------------------------------------------- executors
-class _Done:
-    def __init__(self, value):
-        self.value = value
-
-
-class InlineExecutor:
-    """Runs tasks in this process, at submission (workers=0)."""
-    capacity = 1
-
-    def tokenize(self, units, *args):
-        return tuple(_Done(v) for v in tokenize_group(units, *args))
-
-    def shard(self, args, pieces):
-        return _Done(pack_shard(*args, *[p.value for p in pieces]))
-
-    def put(self, value):
-        return value
-
-    def wait(self, handles):
-        return list(handles)
-
-    def get(self, handle):
-        return handle.value
-
-
-class RayExecutor:
-    def __init__(self, workers: int, address: Optional[str]):
-        import ray
-        self.ray = ray
-        self.owns = False
-        if not ray.is_initialized():
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            if address or os.environ.get("RAY_ADDRESS"):
-                ray.init(address=address or None, log_to_driver=False)
-            else:
-                # Workers of a local cluster inherit the environment the raylet starts with: make this
-                # package importable there without a runtime_env (which costs ~2 s per worker start).
-                saved = os.environ.get("PYTHONPATH")
-                pkg_root = str(Path(__file__).resolve().parent.parent)
-                os.environ["PYTHONPATH"] = os.pathsep.join([pkg_root] + ([saved] if saved else []))
-                try:
-                    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False,
-                             _temp_dir=f"/tmp/nlray-{os.getuid()}")
-                finally:
-                    if saved is None:
-                        del os.environ["PYTHONPATH"]
-                    else:
-                        os.environ["PYTHONPATH"] = saved
-            self.owns = True
-        self.capacity = workers
-        self._tok = ray.remote(num_cpus=1)(tokenize_group).options(num_returns=3)
-        self._shard = ray.remote(num_cpus=1)(pack_shard)
-
-    def tokenize(self, units, *args):
-        return tuple(self._tok.remote(units, *args))
-
-    def shard(self, args, pieces):
-        return self._shard.remote(*args, *pieces)
-
-    def put(self, value):
-        return self.ray.put(value)
-
-    def wait(self, handles):
-        ready, _ = self.ray.wait(list(handles), num_returns=1)
-        return ready
-
-    def get(self, handle):
-        try:
-            return self.ray.get(handle)
-        except self.ray.exceptions.RayTaskError as exc:
-            cause = getattr(exc, "cause", None)
-            if isinstance(cause, Exception):
-                raise cause from None
-            raise
-
-    def close(self):
-        if self.owns:
-            self.ray.shutdown()
 
 
 # --------------------------------------------------------------------------------------- driver
@@ -369,6 +165,23 @@ def prepare_dataset(source: SourceSpec = None, out_dir: str = "data/stdlib", voc
         warnings.append(f"the val split is empty: no document hashed below val_fraction={val_fraction}; "
                         f"use more documents or a larger --val-fraction")
         _log(progress, "warning: " + warnings[-1])
+    manifest = _build_manifest(listing, totals, shard_records, tok, tok_bytes, tok_info, seq_len, token_dtype,
+                               seed, val_fraction, text_field, max_documents, shard_samples, warnings)
+    splits = manifest["splits"]
+    total_tokens = sum(splits[s]["tokens"] for s in SPLITS)
+    report = {"workers": workers, "executor": "inline" if workers == 0 else "ray",
+              "seconds": {"tokenizer": round(tok_seconds, 3), "ray_start": round(t_run - t_start, 3),
+                          "tokenize_pack_write": round(run_seconds, 3),
+                          "total": round(time.perf_counter() - t0, 3)},
+              "tokens": total_tokens, "tokens_per_s": round(total_tokens / max(run_seconds, 1e-9), 1)}
+    sh.atomic_write(out / "report.json", (json.dumps(report, indent=1) + "\n").encode())
+    manifest = write_manifest(out, manifest)                 # last: only now is the directory a dataset
+    manifest["report"] = report       # returned to the caller, not stored in the manifest
+    return manifest
+
+
+def _build_manifest(listing, totals, shard_records, tok, tok_bytes, tok_info, seq_len, token_dtype, seed,
+                    val_fraction, text_field, max_documents, shard_samples, warnings) -> dict:
     h = hashlib.sha256()
     for u, digest in zip(listing.units, totals["unit_sha256"]):
         h.update(f"{u.source_index}:{u.rel}:{u.part}:{digest}\n".encode())
@@ -397,15 +210,6 @@ def prepare_dataset(source: SourceSpec = None, out_dir: str = "data/stdlib", voc
         "sample_members": {"tokens.npy": f"{token_dtype}[seq_len+1]", "cu_seqlens.npy": "int32[k+1]"},
         "splits": splits, "warnings": warnings,
     }
-    total_tokens = sum(splits[s]["tokens"] for s in SPLITS)
-    report = {"workers": workers, "executor": "inline" if workers == 0 else "ray",
-              "seconds": {"tokenizer": round(tok_seconds, 3), "ray_start": round(t_run - t_start, 3),
-                          "tokenize_pack_write": round(run_seconds, 3),
-                          "total": round(time.perf_counter() - t0, 3)},
-              "tokens": total_tokens, "tokens_per_s": round(total_tokens / max(run_seconds, 1e-9), 1)}
-    sh.atomic_write(out / "report.json", (json.dumps(report, indent=1) + "\n").encode())
-    manifest = write_manifest(out, manifest)                 # last: only now is the directory a dataset
-    manifest["report"] = report       # returned to the caller, not stored in the manifest
     return manifest
 
 

@@ -168,13 +168,15 @@ def _file_units(path: Path, rel: str, index: int, text_field: str) -> List[Unit]
     if kind == "text":
         return [Unit(str(path), rel, "text", index, (0, size), size)]
     if kind == "jsonl":
-        return [Unit(str(path), rel, "jsonl", index, (a, min(a + JSONL_UNIT_BYTES, size)), min(JSONL_UNIT_BYTES, size - a))
-                for a in range(0, size, JSONL_UNIT_BYTES)]
+        step = JSONL_UNIT_BYTES
+        return [Unit(str(path), rel, "jsonl", index, (a, min(a + step, size)), min(step, size - a))
+                for a in range(0, size, step)]
     import pyarrow.parquet as pq
     try:
         meta = pq.ParquetFile(str(path)).metadata
     except Exception as exc:
-        raise SourceError(f"cannot read parquet file '{path}': {exc}; check that it is a complete .parquet file") from exc
+        raise SourceError(f"cannot read parquet file '{path}': {exc}; check that it is a complete .parquet "
+                          f"file") from exc
     names = [meta.schema.column(i).name for i in range(meta.num_columns)]
     if text_field not in names:
         raise SourceError(f"parquet file '{path}' has no column '{text_field}' (columns: {', '.join(names)}); "

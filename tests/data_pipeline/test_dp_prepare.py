@@ -1,8 +1,6 @@
 """prepare_dataset on a real local Ray cluster: packing rule, counts, byte identity, shard format, bad input."""
 import hashlib
-import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -1,7 +1,6 @@
 """Resume across DP sizes with real processes (torch.multiprocessing + gloo): 2 ranks -> 1 rank -> 2 ranks
 continue one global sample sequence, nothing repeated or skipped, across epoch boundaries."""
 import json
-import os
 from pathlib import Path
 
 import pytest

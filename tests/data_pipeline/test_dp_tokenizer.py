@@ -60,8 +60,9 @@ def test_given_tokenizer_gets_missing_special_tokens(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     t = Tokenizer(models.BPE())
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.train_from_iterator(["hello world"] * 10, trainers.BpeTrainer(vocab_size=280, special_tokens=["<s>"],
-                                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=["<s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    t.train_from_iterator(["hello world"] * 10, trainer)
     t.save(str(tmp_path / "tokenizer.json"))
     js, added = prepare_given(str(tmp_path))
     assert added == [PAD, BOS, EOS]
