@@ -123,14 +123,17 @@ def _sync(device):
 
 
 def _timed(fn, device, warmup, reps):
+    """Median wall time in ms of ``reps`` synchronised calls (robust to a busy shared machine)."""
     for _ in range(warmup):
         fn()
-    _sync(device)
-    t0 = time.perf_counter()
+    times = []
     for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
         fn()
-    _sync(device)
-    return (time.perf_counter() - t0) / reps * 1e3
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
 
 
 def bench_ours(spec, impl, shape, device, dtype, warmup, reps):
@@ -213,7 +216,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     interp = device.type == "cpu" and interpreter_on() and "triton" in available_impls()
     shapes = INTERP if interp else QUICK if (args.quick or device.type != "cuda") else PRESETS
-    reps = args.reps or (2 if device.type != "cuda" else 10)
+    reps = args.reps or (5 if device.type != "cuda" else 10)
     triton_ok = (device.type == "cuda" or interp) and "triton" in available_impls()
     impls = ["torch"] + (["triton"] if triton_ok else [])
     peak_flops, peak_bw, dev_name = ceilings(device)
