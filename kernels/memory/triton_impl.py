@@ -19,6 +19,7 @@ Imports on any machine that has triton; runs on CUDA tensors, or on CPU tensors 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -39,7 +40,8 @@ def _blocks(c: int, o: int, d: int):
     """Tile sizes: the whole chunk in one tile, output columns in blocks of <= TILE_CAP['o'], the
     input dimension looped in tiles of <= TILE_CAP['d']; tl.dot needs >= 16. Returns also warps."""
     if c > MAX_CHUNK:
-        raise ValueError(f"chunk length {c} exceeds the Triton kernel's limit {MAX_CHUNK}; use chunk <= {MAX_CHUNK}")
+        raise ValueError(f"chunk length {c} exceeds the Triton kernel's limit {MAX_CHUNK}; "
+                         f"use chunk <= {MAX_CHUNK}")
     bc = max(16, triton.next_power_of_2(c))
     bo = max(16, min(TILE_CAP["o"], triton.next_power_of_2(o)))
     bd = max(16, min(TILE_CAP["d"], triton.next_power_of_2(d)))
@@ -53,6 +55,11 @@ def _dot_precision(*tensors) -> str:
     if all(t.dtype == torch.float32 for t in tensors if t is not None):
         return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     return "tf32"
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on the tensor's GPU (Triton launches on the current device); no-op on CPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _lastdim_contig(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -84,17 +91,18 @@ class AffineRank1Chunk(torch.autograd.Function):
         prec = _dot_precision(W0, S0, K, Q, w)
         grid = (N, triton.cdiv(o, bo))
         Qp = Q if has_q else K
-        affine_fwd_kernel[grid](
-            W0, S0 if has_mom else W0, K, Qp, cv if cv is not None else log_alpha,
-            rho if rho is not None else log_alpha, w, log_alpha, beta if has_mom else log_alpha,
-            reads if has_q else W_new, W_new, S_new if has_mom else W_new,
-            c, o, d,
-            o * d, K.stride(0), K.stride(1), Qp.stride(0), Qp.stride(1), w.stride(0), w.stride(1),
-            c * o, o, (cv if cv is not None else log_alpha).stride(0),
-            (rho if rho is not None else log_alpha).stride(0), log_alpha.stride(0),
-            HAS_C=cv is not None, HAS_RHO=rho is not None, HAS_MOM=has_mom, HAS_Q=has_q,
-            BC=bc, BO=bo, BD=bd, PREC=prec, num_warps=warps, num_stages=2,
-        )
+        with _on_device(W0):
+            affine_fwd_kernel[grid](
+                W0, S0 if has_mom else W0, K, Qp, cv if cv is not None else log_alpha,
+                rho if rho is not None else log_alpha, w, log_alpha, beta if has_mom else log_alpha,
+                reads if has_q else W_new, W_new, S_new if has_mom else W_new,
+                c, o, d,
+                o * d, K.stride(0), K.stride(1), Qp.stride(0), Qp.stride(1), w.stride(0), w.stride(1),
+                c * o, o, (cv if cv is not None else log_alpha).stride(0),
+                (rho if rho is not None else log_alpha).stride(0), log_alpha.stride(0),
+                HAS_C=cv is not None, HAS_RHO=rho is not None, HAS_MOM=has_mom, HAS_Q=has_q,
+                BC=bc, BO=bo, BD=bd, PREC=prec, num_warps=warps, num_stages=2,
+            )
         ctx.save_for_backward(W0, S0, K, Q, cv, rho, w, log_alpha, beta)
         ctx.meta = (bc, bo, bd, warps, prec)
         return reads, W_new, S_new
@@ -123,18 +131,19 @@ class AffineRank1Chunk(torch.autograd.Function):
         dbeta = torch.empty(nob, N, **f32) if has_mom else dla
         Qp = Q if has_q else K
         dummy = log_alpha
-        affine_bwd_kernel[(N, nob)](
-            W0, S0 if has_mom else W0, K, Qp, cv if cv is not None else dummy,
-            rho if rho is not None else dummy, w, log_alpha, beta if has_mom else dummy,
-            dR, dWn, dSn,
-            dW0, dS0, dw, dK, dQ, dcv, drho, dla, dbeta,
-            c, o, d, N,
-            o * d, K.stride(0), K.stride(1), Qp.stride(0), Qp.stride(1), w.stride(0), w.stride(1),
-            c * o, o, (cv if cv is not None else dummy).stride(0),
-            (rho if rho is not None else dummy).stride(0), log_alpha.stride(0),
-            HAS_C=cv is not None, HAS_RHO=rho is not None, HAS_MOM=has_mom, HAS_Q=has_q,
-            BC=bc, BO=bo, BD=bd, PREC=prec, num_warps=warps, num_stages=1,
-        )
+        with _on_device(W0):
+            affine_bwd_kernel[(N, nob)](
+                W0, S0 if has_mom else W0, K, Qp, cv if cv is not None else dummy,
+                rho if rho is not None else dummy, w, log_alpha, beta if has_mom else dummy,
+                dR, dWn, dSn,
+                dW0, dS0, dw, dK, dQ, dcv, drho, dla, dbeta,
+                c, o, d, N,
+                o * d, K.stride(0), K.stride(1), Qp.stride(0), Qp.stride(1), w.stride(0), w.stride(1),
+                c * o, o, (cv if cv is not None else dummy).stride(0),
+                (rho if rho is not None else dummy).stride(0), log_alpha.stride(0),
+                HAS_C=cv is not None, HAS_RHO=rho is not None, HAS_MOM=has_mom, HAS_Q=has_q,
+                BC=bc, BO=bo, BD=bd, PREC=prec, num_warps=warps, num_stages=1,
+            )
 
         def out(x, like, need):
             return x.to(like.dtype) if (need and like is not None) else None

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from kernels.memory.interface import MemorySpec
 from kernels.memory.triton_affine import bwd_chunk, fwd_chunk
-from kernels.memory.triton_impl import _blocks, _dot_precision, _lastdim_contig
+from kernels.memory.triton_impl import _blocks, _dot_precision, _lastdim_contig, _on_device
 
 
 @triton.jit
@@ -93,16 +93,18 @@ class AffineRank1Sequence(torch.autograd.Function):
         prec = _dot_precision(W0, S0, K, Q, w)
         dummy = log_alpha
         Qp = Q if has_q else K
-        affine_seq_fwd_kernel[(N, triton.cdiv(o, bo))](
-            states, mstates, K, Qp, cv if cv is not None else dummy, rho if rho is not None else dummy,
-            w, log_alpha, beta if has_mom else dummy, reads if has_q else states,
-            T, chunk, n_chunks, o, d,
-            (n_chunks + 1) * o * d, K.stride(0), K.stride(1), Qp.stride(0), Qp.stride(1), w.stride(0), w.stride(1),
-            T * o, o, (cv if cv is not None else dummy).stride(0), (rho if rho is not None else dummy).stride(0),
-            log_alpha.stride(0),
-            HAS_C=cv is not None, HAS_RHO=rho is not None, HAS_MOM=has_mom, HAS_Q=has_q,
-            BC=bc, BO=bo, BD=bd, PREC=prec, num_warps=warps, num_stages=2,
-        )
+        with _on_device(K):
+            affine_seq_fwd_kernel[(N, triton.cdiv(o, bo))](
+                states, mstates, K, Qp, cv if cv is not None else dummy, rho if rho is not None else dummy,
+                w, log_alpha, beta if has_mom else dummy, reads if has_q else states,
+                T, chunk, n_chunks, o, d,
+                (n_chunks + 1) * o * d, K.stride(0), K.stride(1), Qp.stride(0), Qp.stride(1),
+                w.stride(0), w.stride(1), T * o, o,
+                (cv if cv is not None else dummy).stride(0), (rho if rho is not None else dummy).stride(0),
+                log_alpha.stride(0),
+                HAS_C=cv is not None, HAS_RHO=rho is not None, HAS_MOM=has_mom, HAS_Q=has_q,
+                BC=bc, BO=bo, BD=bd, PREC=prec, num_warps=warps, num_stages=2,
+            )
         ctx.save_for_backward(states, mstates if has_mom else None, K, Q, cv, rho, w, log_alpha, beta)
         ctx.meta = (chunk, bc, bo, bd, warps, prec, W0.dtype, S0.dtype if S0 is not None else None)
         W_T = states[:, -1].clone()
@@ -133,17 +135,19 @@ class AffineRank1Sequence(torch.autograd.Function):
         dbeta = torch.empty(nob, N, n_chunks, **f32) if has_mom else dla
         dummy = log_alpha
         Qp = Q if has_q else K
-        affine_seq_bwd_kernel[(N, nob)](
-            states, mstates if has_mom else states, K, Qp, cv if cv is not None else dummy,
-            rho if rho is not None else dummy, w, log_alpha, beta if has_mom else dummy, dR, dstates, dmstates,
-            dw, dK, dQ, dcv, drho, dla, dbeta,
-            T, chunk, n_chunks, o, d, N,
-            n_states * o * d, K.stride(0), K.stride(1), Qp.stride(0), Qp.stride(1), w.stride(0), w.stride(1),
-            T * o, o, (cv if cv is not None else dummy).stride(0), (rho if rho is not None else dummy).stride(0),
-            log_alpha.stride(0),
-            HAS_C=cv is not None, HAS_RHO=rho is not None, HAS_MOM=has_mom, HAS_Q=has_q,
-            BC=bc, BO=bo, BD=bd, PREC=prec, num_warps=warps, num_stages=1,
-        )
+        with _on_device(K):
+            affine_seq_bwd_kernel[(N, nob)](
+                states, mstates if has_mom else states, K, Qp, cv if cv is not None else dummy,
+                rho if rho is not None else dummy, w, log_alpha, beta if has_mom else dummy, dR, dstates, dmstates,
+                dw, dK, dQ, dcv, drho, dla, dbeta,
+                T, chunk, n_chunks, o, d, N,
+                n_states * o * d, K.stride(0), K.stride(1), Qp.stride(0), Qp.stride(1),
+                w.stride(0), w.stride(1), T * o, o,
+                (cv if cv is not None else dummy).stride(0), (rho if rho is not None else dummy).stride(0),
+                log_alpha.stride(0),
+                HAS_C=cv is not None, HAS_RHO=rho is not None, HAS_MOM=has_mom, HAS_Q=has_q,
+                BC=bc, BO=bo, BD=bd, PREC=prec, num_warps=warps, num_stages=1,
+            )
 
         def out(x, like_dtype, need):
             return x.to(like_dtype) if need else None

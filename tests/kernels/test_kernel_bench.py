@@ -43,8 +43,8 @@ def test_bench_triton_rows_under_interpreter(tmp_path):
     pytest.importorskip("triton")
     out = tmp_path / "kernels.json"
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "kernels.py"), "--reps", "1", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "kernels.py"), "--reps", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert {r["impl"] for r in rows} == {"torch", "triton", "triton_seq"}

@@ -24,7 +24,8 @@ from kernels.memory import MemorySpec, chunk_torch
 from kernels.testing import as_leaves, flat_inputs, memory_inputs, rel_err, run_sequence
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-interp = pytest.mark.skipif(not INTERP, reason="interpreter case: runs in the subprocess of test_kernels_under_interpreter")
+interp = pytest.mark.skipif(not INTERP,
+                            reason="interpreter case: runs in the subprocess of test_kernels_under_interpreter")
 TOL = 2e-5          # float32 kernels vs float32 chunk_torch (observed ~1e-7 .. 1e-6)
 REF_TOL = 1e-4      # float32 kernels vs the float64 token-by-token reference
 
@@ -36,7 +37,8 @@ def test_kernels_under_interpreter():
     pytest.importorskip("triton")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", os.path.abspath(__file__), "-k", "test_interp_"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", os.path.abspath(__file__),
+           "-k", "test_interp_"]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     tail = proc.stdout[-6000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
@@ -268,7 +270,8 @@ def test_interp_model_with_triton_memories_equals_torch(family):
         m = {"preset": f"{family}-tiny", "d_model": 32, "n_heads": 2, "vocab_size": 64, "chunk_mem": 4,
              "chunk_proj": 3, "memory_impl": impl}
         if family == "hope":
-            m["cms"] = [{"kind": "context", "period": 4, "expansion": 1.0}, {"kind": "step", "period": 1, "expansion": 2.0}]
+            m["cms"] = [{"kind": "context", "period": 4, "expansion": 1.0},
+                        {"kind": "step", "period": 1, "expansion": 2.0}]
         torch.manual_seed(0)
         model = LanguageModel(build_config({"model": m, "data": {"seq_len": 16}}).model)
         logits = model(x)
