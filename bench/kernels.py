@@ -249,6 +249,8 @@ def main(argv=None):
     result = dict(device=dev_name, torch=torch.__version__, quick=shapes is not PRESETS, interpreter=interp,
                   ceilings=dict(bf16_flops=peak_flops, hbm_bytes_per_s=peak_bw),
                   flop_convention="train = 3 x forward matmul FLOPs (affine_flops/memory_flops)",
+                  note=("CPU smoke run (PyTorch path; Triton rows, if any, in the interpreter): plumbing, "
+                        "not speed" if device.type != "cuda" else "GPU run"),
                   rows=rows)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
