@@ -45,8 +45,23 @@ def cmd_info(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from nl_pretrain.train.loop import train
+    import os
     cfg = load_config(args.config, args.overrides)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.dry_run:
+        from nl_pretrain.parallel.dryrun import dry_run_report
+        print(dry_run_report(cfg, args.world_size or world, args.global_batch))
+        return 0
+    p = cfg.parallel
+    if world > 1 or p.tensor > 1 or p.pipeline > 1 or p.zero_stage > 0:
+        from nl_pretrain.parallel.topology import shutdown
+        from nl_pretrain.parallel.trainer import train_distributed
+        try:
+            summary = train_distributed(cfg)
+        finally:
+            shutdown()
+        return 0
+    from nl_pretrain.train.loop import train
     summary = train(cfg)
     if "val_loss" in summary:
         print(f"done: held-out loss {summary['val_loss']:.4f} (perplexity {summary['val_ppl']:.2f}), "
@@ -62,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_,
                            epilog="any --section.key=value after the options overrides the config")
         s.add_argument("--config", help="YAML file (see configs/)")
+        if name == "train":
+            s.add_argument("--dry-run", action="store_true",
+                           help="check the parallel layout and print what lives on each rank; train nothing")
+            s.add_argument("--world-size", type=int, default=0,
+                           help="with --dry-run: processes to plan for (default: $WORLD_SIZE or 1)")
+            s.add_argument("--global-batch", type=int, default=None,
+                           help="with --dry-run: check this global batch (sequences) against the layout")
         s.set_defaults(func=fn)
     try:
         from data_pipeline import cli as data_cli

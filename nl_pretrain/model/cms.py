@@ -43,11 +43,12 @@ class ContextLevel(nn.Module):
             self.w_alpha.bias.fill_(ALPHA_BIAS_INIT)
         self.beta_logit = nn.Parameter(torch.full((H,), BETA_LOGIT))
         self.w_o = nn.Linear(d, d, bias=False)
+        self.local_heads = nn.Identity()   # the heads of z this module owns (tensor parallel: a slice)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         B, T, _ = z.shape
         impl = resolve_memory_impl(self.cfg.memory_impl, z.device)
-        keys = l2norm(to_rows(z, self.H))              # unit keys keep the dgd write stable
+        keys = l2norm(to_rows(self.local_heads(z), self.H))              # unit keys keep the dgd write stable
         targets = to_rows(self.w_target(z), self.H)
         eta = self.cfg.eta_max * self.cfg.mlp_eta_scale * torch.sigmoid(to_rows(self.w_eta(z), self.H)[..., 0])
         if self.cfg.eta_chunk_mean:      # chunk-start gradients: the chunk's mean gradient (docs/MODEL.md)

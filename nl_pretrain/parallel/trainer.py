@@ -1,0 +1,217 @@
+"""The distributed trainer: megatron-core tensor parallel + the DeepSpeed runtime.
+
+Order of construction (fixed): process groups and layout check -> the full model from the run seed
+(identical on every rank) -> tensor parallel (keep this rank's shard) -> CMS step levels of period
+> 1 taken out of the DeepSpeed optimizer (:mod:`nl_pretrain.parallel.cms_sync`) -> activation
+checkpointing per block -> ``deepspeed.initialize`` with a client AdamW, ZeRO over the DP group
+(``mpu``), bf16, gradient accumulation. Reuses the single-process loop's helpers
+(:mod:`nl_pretrain.train.loop`).
+
+Loss normalisation: each DP rank divides its summed token losses by ``global labelled tokens / DP``,
+so DeepSpeed's DP-averaged gradients equal those of one process averaging over the whole batch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from nl_pretrain.config import RunConfig, dump_config
+from nl_pretrain.model import LanguageModel
+from nl_pretrain.optim import lr_at
+from nl_pretrain.optim.optimizer import _param_groups
+from nl_pretrain.parallel.cms_sync import StepLevelSync
+from nl_pretrain.parallel.random import seed_model_parallel
+from nl_pretrain.parallel.tensor import apply_tensor_parallel, parallel_loss
+from nl_pretrain.parallel.topology import DeepSpeedMPU, Layout, init_parallel
+from nl_pretrain.train.data import build_data
+from nl_pretrain.train.loop import MetricsLog, pick_device
+
+
+def deepspeed_config(cfg: RunConfig, layout: Layout) -> dict:
+    zero = {"stage": layout.zero_stage}
+    if layout.zero_stage == 3:
+        zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
+    return {
+        "train_micro_batch_size_per_gpu": layout.micro_batch,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "train_batch_size": layout.global_batch,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _checkpoint_blocks(model) -> None:
+    """Activation checkpointing per block: recompute each block's forward in the backward."""
+    import deepspeed
+
+    for block in model.blocks:
+        inner = block.forward
+        block.forward = (lambda f: lambda x: deepspeed.checkpointing.checkpoint(f, x))(inner)
+
+
+def _zero3_external_parameters(wrapper) -> None:
+    """ZeRO-3 gathers a module's own parameters around its forward; parameters read by a parent's
+    forward (memory initial states, the tied output embedding) must be registered with that parent."""
+    from deepspeed.runtime.zero import register_external_parameter
+    from nl_pretrain.model.cms import ContextLevel
+    from nl_pretrain.model.smt import SelfModifyingTitans
+    from nl_pretrain.model.memories import MemoryInit
+    model = wrapper.model
+    for mod in model.modules():
+        if isinstance(mod, (SelfModifyingTitans, ContextLevel)):
+            for child in mod.modules():
+                if isinstance(child, MemoryInit):
+                    for p in child.parameters():
+                        register_external_parameter(mod, p)
+    if model.lm_head is None:
+        register_external_parameter(wrapper, model.embed.weight)
+
+
+def _every_step_groups(model, named, cfg) -> list:
+    """Parameter groups as in ModelOptimizer: decay / no decay, and a group per period-1 step level
+    with its own ``lr_scale``."""
+    from nl_pretrain.model.cms import StepLevel
+    scale = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, StepLevel) and mod.lr_scale != 1.0:
+            for p in mod.parameters():
+                scale[id(p)] = mod.lr_scale
+    groups = _param_groups([(n, p) for n, p in named if id(p) not in scale], cfg.optim.weight_decay)
+    for s in sorted(set(scale.values())):
+        groups += _param_groups([(n, p) for n, p in named if scale.get(id(p)) == s], cfg.optim.weight_decay, s)
+    return groups
+
+
+class LossModule(torch.nn.Module):
+    """What the DeepSpeed engine runs: the language model and its (vocab-parallel) loss."""
+
+    def __init__(self, model: LanguageModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, labels, doc_ids, token_count):
+        return parallel_loss(self.model, input_ids, labels, doc_ids, token_count)
+
+
+class DistributedTrainer:
+    def __init__(self, cfg: RunConfig, layout: Optional[Layout] = None):
+        import deepspeed
+        from megatron.core import parallel_state as ps
+
+        self.cfg = cfg
+        self.layout = layout or init_parallel(cfg)
+        if self.layout.pp > 1:
+            raise NotImplementedError("parallel.pipeline > 1: the DeepSpeed PipelineModule path is not built yet "
+                                      "(see docs/PARALLEL.md); use tensor and data parallelism")
+        self.device = pick_device(cfg.train.device)
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.dp_group = ps.get_data_parallel_group()
+        torch.manual_seed(cfg.train.seed)               # the full model: identical on every rank
+        model = LanguageModel(cfg.model)
+        apply_tensor_parallel(model)
+        seed_model_parallel(cfg.train.seed)
+        model.to(self.device)
+        self.model = model
+        self.slow = StepLevelSync(model, cfg.optim, cfg.model.cms, self.dp_group)
+        if getattr(cfg.parallel, "activation_checkpointing", False):
+            _checkpoint_blocks(model)
+        slow_ids = self.slow.parameter_ids()
+        named = [(n, p) for n, p in model.named_parameters() if id(p) not in slow_ids]
+        opt = torch.optim.AdamW(_every_step_groups(model, named, cfg), lr=cfg.optim.lr,
+                                betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+        if self.layout.zero_stage == 3:
+            if slow_ids:
+                raise NotImplementedError("ZeRO stage 3 with CMS step levels of period > 1 is not supported yet: "
+                                          "use --parallel.zero_stage=2 (or 1)")
+        wrapper = LossModule(model)
+        if self.layout.zero_stage == 3:
+            _zero3_external_parameters(wrapper)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=wrapper, optimizer=opt, config=deepspeed_config(cfg, self.layout), mpu=DeepSpeedMPU(),
+            model_parameters=[p for _, p in named])
+        self.bf16 = cfg.train.precision == "bf16"
+
+    def train_step(self, step: int, micro_batches: List[dict]) -> float:
+        """One optimizer step over this rank's micro-batches; returns the global mean loss."""
+        lr = lr_at(step, self.cfg.optim, self.cfg.train.steps)
+        for g in self.engine.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        total = torch.zeros(())
+        for b in micro_batches:
+            count = (b["labels"] != -100).sum().to(torch.float64)
+            if self.dp_size > 1:
+                dist.all_reduce(count, group=self.dp_group)
+            ids, labels, docs = (b[k].to(self.device) for k in ("input_ids", "labels", "doc_ids"))
+            loss = self.engine(ids, labels, docs, count.float() / self.dp_size)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach().float().cpu() / len(micro_batches)
+        self.slow.step(step, lr)
+        if self.dp_size > 1:
+            dist.all_reduce(total, group=self.dp_group)
+            total /= self.dp_size
+        return float(total)
+
+
+def rank_batches(cfg: RunConfig, layout: Layout, dp_rank: int) -> Iterator[dict]:
+    """This DP rank's micro-batches. Built-in corpus: every rank draws the same global micro-batch
+    (``micro x DP`` rows) and keeps its rows, so the run sees exactly one process's batches."""
+    if cfg.data.dataset:
+        yield from build_data(cfg, layout.micro_batch, cfg.train.seed, dp_rank, layout.dp).train
+        return
+    m = layout.micro_batch
+    for b in build_data(cfg, m * layout.dp, cfg.train.seed).train:
+        yield {k: v[dp_rank * m:(dp_rank + 1) * m] for k, v in b.items()}
+
+
+def train_distributed(cfg: RunConfig) -> dict:
+    """``nl-pretrain train`` under torchrun / the DeepSpeed launcher / Ray / srun."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    trainer = DistributedTrainer(cfg)
+    layout, rank = trainer.layout, dist.get_rank()
+    data = rank_batches(cfg, layout, trainer.dp_rank)
+    run_dir = Path(cfg.train.run_dir)
+    log = None
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        log = MetricsLog(run_dir)
+        print(f"distributed: {layout.describe()}", flush=True)
+    tokens_per_step = layout.global_batch * cfg.data.seq_len
+    start = window = time.perf_counter()
+    losses = []
+    for step in range(cfg.train.steps):
+        loss = trainer.train_step(step, [next(data) for _ in range(layout.grad_accum)])
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {step}; lower --optim.lr (now {cfg.optim.lr})")
+        losses.append(loss)
+        if rank == 0 and ((step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps):
+            now = time.perf_counter()
+            n = min(cfg.train.log_every, len(losses))
+            tps = n * tokens_per_step / max(now - window, 1e-9)
+            rec = {"loss": sum(losses[-n:]) / n, "tokens_per_s": tps, "tokens": (step + 1) * tokens_per_step,
+                   "elapsed_s": now - start}
+            log.write(step + 1, rec)
+            print(f"step {step + 1}/{cfg.train.steps} loss {rec['loss']:.4f} tok/s {tps:,.0f}", flush=True)
+            window = now
+    summary = {"final_loss": losses[-1], "steps": cfg.train.steps, "layout": layout.describe(),
+               "elapsed_s": time.perf_counter() - start}
+    if cfg.checkpoint.save_final:
+        ckpt = run_dir / "checkpoints"
+        trainer.engine.save_checkpoint(str(ckpt), tag="final", client_state={"cms_step_levels": trainer.slow.state_dict(),
+                                                                           "config": dump_config(cfg)})
+        summary["checkpoint"] = str(ckpt / "final")
+    if rank == 0:
+        log.close()
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
