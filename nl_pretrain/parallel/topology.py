@@ -110,10 +110,10 @@ def init_parallel(cfg, backend: Optional[str] = None) -> Layout:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    if not dist.is_initialized():
-        import deepspeed
-        # plain gloo on CPU: the shared-memory comm op would JIT-compile for ~50 s (STACK.md)
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    import deepspeed
+    # plain gloo on CPU: the shared-memory comm op would JIT-compile for ~50 s (STACK.md)
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not dist.is_initialized():            # Ray Train starts the group itself
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
