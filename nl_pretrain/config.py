@@ -107,6 +107,7 @@ class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
     zero_stage: int = 0
+    activation_checkpointing: bool = False   # recompute each block in backward (DeepSpeed runtime)
 
 
 @dataclass

@@ -38,13 +38,19 @@ FAMILIES = {
                            inner_loss="l2", linear_grad="running", momentum=False),
 }
 
-# Step-level expansion (hidden = e * d) per family and size, solved from the parameter budget.
+# Step-level expansion (hidden = e * d) per family and size: solved from the parameter budget, then
+# rounded to a hidden width that is a multiple of 128 (tensor-parallel shards stay even).
 STEP_EXPANSION = {
-    "hope": {"tiny": 2.0, "340m": 0.923, "760m": 0.838, "1.3b": 1.37, "3b": 1.167, "7b": 1.036},
-    "hope_attention": {"tiny": 2.0, "340m": 0.987, "760m": 0.902, "1.3b": 1.496, "3b": 1.218, "7b": 1.068},
-    "transformer": {"tiny": 4.0, "340m": 2.735, "760m": 2.562, "1.3b": 3.827, "3b": 3.174, "7b": 2.85},
-    "titans": {"tiny": 4.0, "340m": 2.304, "760m": 2.135, "1.3b": 3.323, "3b": 2.767, "7b": 2.469},
-    "gated_deltanet": {"tiny": 4.0, "340m": 2.367, "760m": 2.198, "1.3b": 3.448, "3b": 2.817, "7b": 2.5},
+    "hope": {"tiny": 2.0, "340m": 896 / 1024, "760m": 1280 / 1536, "1.3b": 2816 / 2048, "3b": 2944 / 2560,
+             "7b": 4224 / 4096},
+    "hope_attention": {"tiny": 2.0, "340m": 1024 / 1024, "760m": 1408 / 1536, "1.3b": 3072 / 2048,
+                       "3b": 3072 / 2560, "7b": 4352 / 4096},
+    "transformer": {"tiny": 4.0, "340m": 2816 / 1024, "760m": 3968 / 1536, "1.3b": 7808 / 2048, "3b": 8064 / 2560,
+                    "7b": 11648 / 4096},
+    "titans": {"tiny": 4.0, "340m": 2304 / 1024, "760m": 3328 / 1536, "1.3b": 6784 / 2048, "3b": 7040 / 2560,
+               "7b": 10112 / 4096},
+    "gated_deltanet": {"tiny": 4.0, "340m": 2432 / 1024, "760m": 3328 / 1536, "1.3b": 7040 / 2048,
+                       "3b": 7168 / 2560, "7b": 10240 / 4096},
 }
 TIED = {"tiny": True, "340m": True, "760m": False, "1.3b": False, "3b": False, "7b": False}
 

@@ -31,3 +31,11 @@ def test_info_command_prints_total():
     total = int(lines[-1].split()[-1])
     assert abs(total / 1.3e9 - 1) < 0.05
     assert any("self-modifying titans" in ln for ln in lines) and any("context" in ln for ln in lines)
+
+
+@pytest.mark.parametrize("name", [n for n in preset_names() if not n.endswith("-tiny")])
+def test_step_level_widths_shard_evenly(name):
+    cfg = build_config({"model": {"preset": name}, "data": {"seq_len": 256}})
+    for lvl in cfg.model.cms:
+        if lvl.kind == "step":
+            assert round(lvl.expansion * cfg.model.d_model) % 128 == 0, name
