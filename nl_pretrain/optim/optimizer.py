@@ -36,8 +36,13 @@ def auto_phases(periods: List[int]) -> List[int]:
     return phases
 
 
+NO_DECAY = ("init", "embed", "out_norm", "beta_logit")
+
+
 def _param_groups(params: List[tuple], weight_decay: float, lr_scale: float = 1.0) -> List[dict]:
-    decay = [p for n, p in params if p.ndim >= 2 and ("init" not in n) and ("embed" not in n)]
+    # decay matrices of linear maps only: not learned initial states, embeddings, or the per-head
+    # (2-D but norm- or gate-like) out_norm and beta_logit
+    decay = [p for n, p in params if p.ndim >= 2 and not any(s in n for s in NO_DECAY)]
     ids = {id(p) for p in decay}
     rest = [p for n, p in params if id(p) not in ids]
     groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": lr_scale},
