@@ -50,6 +50,31 @@ def bench_loader(dataset: str, batch: int, workers: int, batches: int) -> dict:
             "tokens_per_s": round(samples * loader.seq_len / dt, 1)}
 
 
+def bench_train_step(dataset: str, batch: int, steps: int = 4) -> dict:
+    """Samples/s that training the tiny HOPE preset consumes from this dataset (1 warm-up step)."""
+    import torch
+    from data_pipeline import TokenLoader
+    from nl_pretrain.config import build_config
+    from nl_pretrain.model import LanguageModel
+    from nl_pretrain.optim import ModelOptimizer
+    loader = TokenLoader(dataset, "train", batch, seed=0)
+    cfg = build_config({"model": {"preset": "hope-tiny", "vocab_size": loader.vocab_size},
+                        "data": {"seq_len": loader.seq_len}})
+    model = LanguageModel(cfg.model)
+    opt = ModelOptimizer(model, cfg.optim, cfg.model.cms)
+    it = iter(loader)
+    for i in range(steps + 1):
+        if i == 1:
+            start = time.perf_counter()
+        b = next(it)
+        model.loss(b["input_ids"], b["labels"], b["doc_ids"]).backward()
+        opt.step(i, cfg.optim.lr)
+        opt.zero_grad()
+    sps = steps * batch / (time.perf_counter() - start)
+    return {"preset": "hope-tiny", "micro_batch": batch, "seq_len": loader.seq_len, "samples_per_s": sps,
+            "tokens_per_s": sps * loader.seq_len}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", default="default")
@@ -98,6 +123,8 @@ def main(argv=None) -> int:
         for lw in args.loader_workers:
             print(f"loader with {lw} worker processes ...", flush=True)
             result["loader"].append(bench_loader(dataset, args.micro_batch, lw, args.loader_batches))
+        print("one tiny-HOPE train step per batch ...", flush=True)
+        result["train_step"] = bench_train_step(dataset, args.micro_batch)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -119,6 +146,11 @@ def main(argv=None) -> int:
         name = f"{lo['num_workers']} DataLoader workers"
         print(f"{name:<22}{lo['micro_batch']:>5} x {lo['seq_len']:<4}{lo['samples_per_s']:>10,.0f}"
               f"{lo['tokens_per_s']:>12,.0f}")
+    tr = result["train_step"]
+    best = max(lo["samples_per_s"] for lo in result["loader"])
+    print(f"{'train step hope-tiny':<22}{tr['micro_batch']:>5} x {tr['seq_len']:<4}{tr['samples_per_s']:>10,.1f}"
+          f"{tr['tokens_per_s']:>12,.0f}   (the loader delivers {best / tr['samples_per_s']:,.0f}x what it consumes)")
+    result["loader_over_train_step"] = best / tr["samples_per_s"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"\nwrote {args.out}")
