@@ -47,6 +47,8 @@ class MemorySpec:
 
 def memory_read(spec: MemorySpec, state: State, z: torch.Tensor) -> torch.Tensor:
     """``M(z)`` for every token, with one state per row: ``z: (N, c, d_in) -> (N, c, d_out)``."""
+    if z.dtype != state[0].dtype and not torch.is_autocast_enabled(z.device.type):
+        z, state = _to_fp32([z, tuple(state)])         # mixed inputs outside autocast: read in fp32
     if spec.kind == "linear":
         return z @ state[0].transpose(1, 2)
     w1, w2 = state

@@ -95,7 +95,7 @@ class ModelOptimizer:
         return (step - self.phases[level]) % k == k - 1
 
     def step(self, step: int, lr: float) -> float:
-        """Apply this step's updates; returns the gradient norm before clipping."""
+        """Apply this step's updates; returns the every-step parameters' gradient norm before clipping."""
         due = []
         for i, lv in self.slow.items():                         # Eq. 71: sum over the k steps
             for p, acc in zip(lv["params"], lv["acc"]):
@@ -106,9 +106,13 @@ class ModelOptimizer:
                 due.append(i)
                 for p, acc in zip(lv["params"], lv["acc"]):
                     p.grad = acc.clone()
+        # clipping: the every-step parameters by their joint norm, each due slow level by the norm of
+        # its own k-step sum (docs/MODEL.md, "Gradient clipping"); the same rule distributed
+        limit = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         applied = [p for g in self.base.param_groups for p in g["params"] if p.grad is not None]
-        applied += [p for i in due for p in self.slow[i]["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(applied, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(applied, limit)
+        for i in due:
+            torch.nn.utils.clip_grad_norm_(self.slow[i]["params"], limit)
         for opt in [self.base] + [self.slow[i]["opt"] for i in due]:
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_scale"]

@@ -28,7 +28,7 @@ from nl_pretrain.optim.optimizer import _param_groups
 from nl_pretrain.parallel.cms_sync import StepLevelSync
 from nl_pretrain.parallel.random import seed_model_parallel
 from nl_pretrain.parallel.tensor import apply_tensor_parallel, parallel_loss
-from nl_pretrain.parallel.topology import DeepSpeedMPU, Layout, init_parallel
+from nl_pretrain.parallel.topology import DeepSpeedMPU, Layout, init_parallel, stage_layers
 from nl_pretrain.train.data import build_data
 from nl_pretrain.train.loop import MetricsLog, pick_device
 
@@ -49,11 +49,11 @@ def deepspeed_config(cfg: RunConfig, layout: Layout) -> dict:
     }
 
 
-def _checkpoint_blocks(model) -> None:
+def _checkpoint_blocks(blocks) -> None:
     """Activation checkpointing per block: recompute each block's forward in the backward."""
     import deepspeed
 
-    for block in model.blocks:
+    for block in blocks:
         inner = block.forward
         block.forward = (lambda f: lambda x: deepspeed.checkpointing.checkpoint(f, x))(inner)
 
@@ -94,71 +94,104 @@ def _every_step_groups(model, named, cfg) -> list:
 class LossModule(torch.nn.Module):
     """What the DeepSpeed engine runs: the language model and its (vocab-parallel) loss."""
 
-    def __init__(self, model: LanguageModel):
+    def __init__(self, model: LanguageModel, bf16: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.bf16 = model, bf16
 
     def forward(self, input_ids, labels, doc_ids, token_count):
-        return parallel_loss(self.model, input_ids, labels, doc_ids, token_count)
+        # bf16 engine: weights are bf16; autocast lines up the dtypes at every matmul while the
+        # memory kernels keep their state in fp32 (as in the single-process bf16 path)
+        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return parallel_loss(self.model, input_ids, labels, doc_ids, token_count)
 
 
 class DistributedTrainer:
+    """One rank of a TP x PP x DP job: its shard of the model inside a DeepSpeed engine (a
+    ``PipelineEngine`` when ``parallel.pipeline > 1``) plus the slow CMS levels beside it."""
+
     def __init__(self, cfg: RunConfig, layout: Optional[Layout] = None):
         import deepspeed
         from megatron.core import parallel_state as ps
 
         self.cfg = cfg
         self.layout = layout or init_parallel(cfg)
-        if self.layout.pp > 1:
-            raise NotImplementedError("parallel.pipeline > 1: the DeepSpeed PipelineModule path is not built yet "
-                                      "(see docs/PARALLEL.md); use tensor and data parallelism")
         self.device = pick_device(cfg.train.device)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.dp_group = ps.get_data_parallel_group()
+        self.pp_rank = ps.get_pipeline_model_parallel_rank()
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
         torch.manual_seed(cfg.train.seed)               # the full model: identical on every rank
         model = LanguageModel(cfg.model)
         apply_tensor_parallel(model)
         seed_model_parallel(cfg.train.seed)
         model.to(self.device)
         self.model = model
-        self.slow = StepLevelSync(model, cfg.optim, cfg.model.cms, self.dp_group)
-        if getattr(cfg.parallel, "activation_checkpointing", False):
-            _checkpoint_blocks(model)
-        slow_ids = self.slow.parameter_ids()
-        named = [(n, p) for n, p in model.named_parameters() if id(p) not in slow_ids]
+        # global parameter names (this rank's tensor-parallel shard of each), whatever wraps them later
+        self.names = {id(p): n.replace(".inner.", ".") for n, p in model.named_parameters()}
+        stages = [list(stage_layers(cfg.model.n_layers, self.layout.pp, s)) for s in range(self.layout.pp)]
+        self.block_ids = stages[self.pp_rank]
+        local_blocks = [(i, model.blocks[i]) for i in self.block_ids]
+        norm_group = ps.get_model_parallel_group() if self.layout.tp * self.layout.pp > 1 else None
+        self.slow = StepLevelSync(local_blocks, cfg.optim, cfg.model.cms, self.dp_group, norm_group)
+        if cfg.parallel.activation_checkpointing:
+            _checkpoint_blocks([b for _, b in local_blocks])
+        if self.layout.pp > 1:
+            from nl_pretrain.parallel.pipeline import build_pipeline
+            module = build_pipeline(model, self.layout, stages, bf16=cfg.train.precision == "bf16")
+            mpu = None                                   # the pipeline engine builds its grid (same order)
+        else:
+            module = LossModule(model, bf16=cfg.train.precision == "bf16")
+            mpu = DeepSpeedMPU()
+            if self.layout.zero_stage == 3:
+                _zero3_external_parameters(module)
+        named = [(self.names[id(p)], p) for p in module.parameters()]
+        self.engine_named = named
         opt = torch.optim.AdamW(_every_step_groups(model, named, cfg), lr=cfg.optim.lr,
                                 betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
-        if self.layout.zero_stage == 3:
-            if slow_ids:
-                raise NotImplementedError("ZeRO stage 3 with CMS step levels of period > 1 is not supported yet: "
-                                          "use --parallel.zero_stage=2 (or 1)")
-        wrapper = LossModule(model)
-        if self.layout.zero_stage == 3:
-            _zero3_external_parameters(wrapper)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=wrapper, optimizer=opt, config=deepspeed_config(cfg, self.layout), mpu=DeepSpeedMPU(),
+            model=module, optimizer=opt, config=deepspeed_config(cfg, self.layout), mpu=mpu,
             model_parameters=[p for _, p in named])
         self.bf16 = cfg.train.precision == "bf16"
+
+    def named_parameters(self) -> List[tuple]:
+        """``(global name, parameter)`` of every parameter this rank holds (engine and slow levels);
+        tensor-parallel shards under their full model's name."""
+        seen, out = set(), []
+        for n, p in self.engine_named + self.slow.named_parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append((n, p))
+        return out
+
+    def _global_counts(self, micro_batches: List[dict]) -> List[torch.Tensor]:
+        """Labelled tokens of each global micro-batch (all DP ranks' rows), divided by DP: the loss
+        normaliser that makes DP-averaged gradients equal one process averaging the whole batch."""
+        counts = torch.stack([(b["labels"] != -100).sum().to(torch.float64) for b in micro_batches])
+        if self.dp_size > 1:
+            dist.all_reduce(counts, group=self.dp_group)
+        return [(c / self.dp_size).float() for c in counts]
 
     def train_step(self, step: int, micro_batches: List[dict]) -> float:
         """One optimizer step over this rank's micro-batches; returns the global mean loss."""
         lr = lr_at(step, self.cfg.optim, self.cfg.train.steps)
         for g in self.engine.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
-        total = torch.zeros(())
-        for b in micro_batches:
-            count = (b["labels"] != -100).sum().to(torch.float64)
+        counts = self._global_counts(micro_batches)
+        if self.layout.pp > 1:
+            items = [((b["input_ids"], b["doc_ids"]), (b["labels"], c)) for b, c in zip(micro_batches, counts)]
+            total = self.engine.train_batch(iter(items)).detach().float().cpu()
+        else:
+            total = torch.zeros(())
+            for b, c in zip(micro_batches, counts):
+                ids, labels, docs = (b[k].to(self.device) for k in ("input_ids", "labels", "doc_ids"))
+                loss = self.engine(ids, labels, docs, c.to(self.device))
+                self.engine.backward(loss)
+                self.engine.step()
+                total += loss.detach().float().cpu() / len(micro_batches)
             if self.dp_size > 1:
-                dist.all_reduce(count, group=self.dp_group)
-            ids, labels, docs = (b[k].to(self.device) for k in ("input_ids", "labels", "doc_ids"))
-            loss = self.engine(ids, labels, docs, count.float() / self.dp_size)
-            self.engine.backward(loss)
-            self.engine.step()
-            total += loss.detach().float().cpu() / len(micro_batches)
+                dist.all_reduce(total, group=self.dp_group)
+                total /= self.dp_size
         self.slow.step(step, lr)
-        if self.dp_size > 1:
-            dist.all_reduce(total, group=self.dp_group)
-            total /= self.dp_size
         return float(total)
 
 
@@ -208,8 +241,7 @@ def train_distributed(cfg: RunConfig) -> dict:
                "elapsed_s": time.perf_counter() - start}
     if cfg.checkpoint.save_final:
         ckpt = run_dir / "checkpoints"
-        trainer.engine.save_checkpoint(str(ckpt), tag="final", client_state={"cms_step_levels": trainer.slow.state_dict(),
-                                                                           "config": dump_config(cfg)})
+        trainer.engine.save_checkpoint(str(ckpt), tag="final", client_state={"config": dump_config(cfg)})
         summary["checkpoint"] = str(ckpt / "final")
     if rank == 0:
         log.close()

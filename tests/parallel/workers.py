@@ -13,7 +13,8 @@ HOPE_CMS = [{"kind": "context", "period": 4, "expansion": 1.0},
             {"kind": "step", "period": 2, "expansion": 2.0}]
 
 
-def tiny_tree(family="hope", tp=1, pp=1, zero=0, micro=2, accum=1, steps=3, clip=0.0, cms=None, **train):
+def tiny_tree(family="hope", tp=1, pp=1, zero=0, micro=2, accum=1, steps=3, clip=0.0, cms=None, act_ckpt=False,
+              **train):
     model = {"preset": f"{family}-tiny", "d_model": 32, "n_heads": 2, "n_layers": 2, "vocab_size": 260,
              "chunk_mem": 4, "chunk_proj": 4, "max_seq_len": 16}
     if family in ("hope", "hope_attention"):
@@ -25,7 +26,7 @@ def tiny_tree(family="hope", tp=1, pp=1, zero=0, micro=2, accum=1, steps=3, clip
             "optim": {"lr": 1e-2, "warmup_steps": 0, "grad_clip": clip},
             "train": {"steps": steps, "micro_batch_size": micro, "grad_accum": accum, "seed": 0,
                       "progress": False, **train},
-            "parallel": {"tensor": tp, "pipeline": pp, "zero_stage": zero}}
+            "parallel": {"tensor": tp, "pipeline": pp, "zero_stage": zero, "activation_checkpointing": act_ckpt}}
 
 
 def reference_run(tree, global_micro: int):
@@ -50,12 +51,13 @@ def reference_run(tree, global_micro: int):
 
 
 def local_parameters(trainer) -> dict:
-    params = dict(trainer.model.named_parameters())
+    named = trainer.named_parameters()
     if trainer.layout.zero_stage == 3:
         import deepspeed
-        with deepspeed.zero.GatheredParameters(list(params.values())):
-            return {n.replace(".inner.", "."): p.detach().clone() for n, p in params.items()}
-    return {n.replace(".inner.", "."): p.detach().clone() for n, p in params.items()}
+        engine_params = [p for _, p in trainer.engine_named]
+        with deepspeed.zero.GatheredParameters(engine_params):
+            return {n: p.detach().clone() for n, p in named}
+    return {n: p.detach().clone() for n, p in named}
 
 
 def distributed_run(tree):
@@ -66,24 +68,31 @@ def distributed_run(tree):
     data = rank_batches(cfg, trainer.layout, trainer.dp_rank)
     losses = [trainer.train_step(s, [next(data) for _ in range(cfg.train.grad_accum)])
               for s in range(cfg.train.steps)]
+    dtypes = {"engine": str(trainer.engine_named[0][1].dtype),
+              "slow": sorted({str(p.dtype) for _, p in trainer.slow.named_parameters()})}
     return {"losses": losses, "params": local_parameters(trainer), "tp_rank": ps.get_tensor_model_parallel_rank(),
+            "dtypes": dtypes,
             "dp_rank": trainer.dp_rank, "pp_rank": ps.get_pipeline_model_parallel_rank(),
             "slow_comm": list(trainer.slow.comm_log)}
 
 
 def assemble(results, reference_params) -> dict:
-    """Full parameters from the shards of the DP-rank-0 replicas (tensor-parallel slices concatenated)."""
-    from nl_pretrain.parallel.tensor import shard_plan
-    cfg_model = None  # noqa: F841
-    shards = sorted((r for r in results if r["dp_rank"] == 0), key=lambda r: r["tp_rank"])
+    """Full parameters from the shards of the DP-rank-0 replicas: tensor-parallel slices concatenated,
+    pipeline stages united (a tied embedding lives on the first and the last stage: both must agree)."""
     plan = _plan_for(reference_params)
     full = {}
     for name in reference_params:
-        pieces = [r["params"][name] for r in shards]
-        if name in plan and len(pieces) > 1:
-            full[name] = torch.cat(pieces, plan[name][1])
-        else:
-            full[name] = pieces[0]
+        holders = [r for r in results if r["dp_rank"] == 0 and name in r["params"]]
+        by_stage = {}
+        for r in sorted(holders, key=lambda r: r["tp_rank"]):
+            by_stage.setdefault(r["pp_rank"], []).append(r["params"][name])
+        assert by_stage, f"{name}: no rank holds it"
+        versions = []
+        for pieces in by_stage.values():
+            versions.append(torch.cat(pieces, plan[name][1]) if name in plan and len(pieces) > 1 else pieces[0])
+        for v in versions[1:]:
+            torch.testing.assert_close(v, versions[0], rtol=0, atol=1e-6, msg=lambda m: f"{name} differs across stages")
+        full[name] = versions[0]
     return full
 
 
