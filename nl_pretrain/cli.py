@@ -1,4 +1,4 @@
-"""``nl-pretrain``: train, info, prepare-data."""
+"""``nl-pretrain``: train, info, export, prepare-data."""
 from __future__ import annotations
 
 import argparse
@@ -69,6 +69,14 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from nl_pretrain.checkpoint.export import export_checkpoint
+    info = export_checkpoint(args.checkpoint, args.out)
+    print(f"exported step {info['step']} of {info['checkpoint']}: {info['parameters']:,} parameters in "
+          f"{info['tensors']} tensors -> {info['out']}/model.safetensors (+ config.yaml)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nl-pretrain", description="Pretraining for HOPE and its baselines")
     sub = p.add_subparsers(dest="command", required=True)
@@ -84,7 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
                            help="with --dry-run: processes to plan for (default: $WORLD_SIZE or 1)")
             s.add_argument("--global-batch", type=int, default=None,
                            help="with --dry-run: check this global batch (sequences) against the layout")
+            s.add_argument("--resume", default=None, metavar="auto|DIR",
+                           help="continue from the newest complete checkpoint (auto) or from DIR "
+                                "(same as --train.resume=...)")
         s.set_defaults(func=fn)
+    e = sub.add_parser("export", help="write one consolidated model (safetensors + config) from any checkpoint")
+    e.add_argument("--checkpoint", required=True, help="a step-XXXXXXXX checkpoint dir, or a checkpoint root (newest)")
+    e.add_argument("--out", required=True, help="output directory")
+    e.set_defaults(func=cmd_export)
     try:
         from data_pipeline import cli as data_cli
         data_cli.register(sub)
@@ -98,6 +113,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     args.overrides = [r for r in rest]
+    if getattr(args, "resume", None):
+        args.overrides.append(f"--train.resume={args.resume}")
     if rest and args.command not in ("train", "info"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:

@@ -100,6 +100,9 @@ class TrainConfig:
     run_dir: str = "runs/default"
     progress: bool = True
     threads: int = 0              # torch intra-op threads (0 = torch default)
+    resume: str = ""              # "" (fresh run) | auto (newest complete checkpoint, if any) | a checkpoint dir
+    on_nan: str = "skip"          # non-finite loss: skip the step | rollback to the last checkpoint | stop
+    max_nan_steps: int = 5        # consecutive non-finite steps tolerated before stopping
 
 
 @dataclass
@@ -114,6 +117,11 @@ class ParallelConfig:
 class CheckpointConfig:
     save_final: bool = True
     every: int = 0                # steps between saves (0 = only the final one)
+    dir: str = ""                 # "" = <train.run_dir>/checkpoints (shared by every rank)
+    keep_last: int = 3            # complete checkpoints kept (0 = all)
+    keep_every: int = 0           # also keep steps that are multiples of this (0 = off)
+    async_save: bool = False      # write in a background thread (host copy first; one save in flight)
+    verify: str = "full"          # resume checks: full (sha256 of every file) | size
 
 
 @dataclass
@@ -139,6 +147,8 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("fp32", "bf16"),
     "parallel.zero_stage": (0, 1, 2, 3),
+    "train.on_nan": ("skip", "rollback", "stop"),
+    "checkpoint.verify": ("full", "size"),
 }
 POSITIVE = {
     "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.max_seq_len",

@@ -27,9 +27,10 @@ from nl_pretrain.optim import lr_at
 from nl_pretrain.optim.optimizer import _param_groups
 from nl_pretrain.parallel.cms_sync import StepLevelSync
 from nl_pretrain.parallel.random import seed_model_parallel
-from nl_pretrain.parallel.tensor import apply_tensor_parallel, parallel_loss
+from nl_pretrain.parallel.tensor import apply_tensor_parallel, parallel_loss, shard_plan
 from nl_pretrain.parallel.topology import DeepSpeedMPU, Layout, init_parallel, stage_layers
 from nl_pretrain.train.data import build_data
+from nl_pretrain.train.faults import fault_steps, handle_nan, maybe_kill
 from nl_pretrain.train.loop import MetricsLog, pick_device
 
 
@@ -122,6 +123,7 @@ class DistributedTrainer:
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         torch.manual_seed(cfg.train.seed)               # the full model: identical on every rank
         model = LanguageModel(cfg.model)
+        self.plan = shard_plan(model)                   # how each full tensor is split (checkpoints)
         apply_tensor_parallel(model)
         seed_model_parallel(cfg.train.seed)
         model.to(self.device)
@@ -152,6 +154,58 @@ class DistributedTrainer:
             model=module, optimizer=opt, config=deepspeed_config(cfg, self.layout), mpu=mpu,
             model_parameters=[p for _, p in named])
         self.bf16 = cfg.train.precision == "bf16"
+        self._access = None
+        self.last_step_finite = True
+        self.fault_nan_steps = fault_steps("NL_PRETRAIN_FAULT_NAN_STEPS")
+        if self.layout.pp > 1:
+            self._guard_pipeline_step()
+
+    def access(self):
+        """Per-parameter state access for checkpoints and skipped steps (built on first use)."""
+        if self._access is None:
+            from nl_pretrain.checkpoint.state import EngineAccess
+            self._access = EngineAccess(self)
+        return self._access
+
+    def coords(self) -> dict:
+        return {"rank": dist.get_rank(), "world": dist.get_world_size(), "tp": self.tp_rank,
+                "tp_size": self.layout.tp, "pp": self.pp_rank, "dp": self.dp_rank, "dp_size": self.dp_size}
+
+    def layout_dict(self) -> dict:
+        return {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp, "zero_stage": self.layout.zero_stage}
+
+    def _all_finite(self, local_loss: torch.Tensor) -> bool:
+        """Agreed over every rank: was this step's loss finite everywhere?"""
+        bad = torch.tensor([0.0 if bool(torch.isfinite(local_loss).all()) else 1.0])
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bad.item() == 0.0
+
+    def _guarded_step(self, apply_step, local_loss: torch.Tensor) -> None:
+        """Run the engine's optimizer step; with ``train.on_nan=skip`` a non-finite step is undone
+        (every parameter, moment and counter restored from an in-memory copy taken just before)."""
+        finite = self._all_finite(local_loss)
+        self.last_step_finite = finite
+        if finite or self.cfg.train.on_nan != "skip":
+            apply_step()
+            return
+        from nl_pretrain.checkpoint.state import restore, snapshot
+        snap = snapshot(self.access())
+        apply_step()
+        restore(self.access(), snap)
+
+    def _guard_pipeline_step(self) -> None:
+        """The pipeline engine runs forward, backward and the optimizer step inside ``train_batch``:
+        route its OptimizerStep instruction through :meth:`_guarded_step` (the last stage knows the loss)."""
+        from deepspeed.runtime.pipe import schedule
+        engine, table = self.engine, dict(type(self.engine)._INSTRUCTION_MAP)
+        original = table[schedule.OptimizerStep]
+
+        def optimizer_step(eng, *args, **kwargs):
+            local = eng.total_loss if eng.is_last_stage() and eng.total_loss is not None else torch.zeros(())
+            self._guarded_step(lambda: original(eng, *args, **kwargs), local.detach().float().cpu())
+
+        table[schedule.OptimizerStep] = optimizer_step
+        engine._INSTRUCTION_MAP = table
 
     def named_parameters(self) -> List[tuple]:
         """``(global name, parameter)`` of every parameter this rank holds (engine and slow levels);
@@ -172,77 +226,139 @@ class DistributedTrainer:
         return [(c / self.dp_size).float() for c in counts]
 
     def train_step(self, step: int, micro_batches: List[dict]) -> float:
-        """One optimizer step over this rank's micro-batches; returns the global mean loss."""
+        """One optimizer step over this rank's micro-batches; returns the global mean loss.
+        ``self.last_step_finite`` tells (agreed over all ranks) whether the loss was finite; a
+        non-finite step under ``train.on_nan=skip`` changes nothing but the data position."""
         lr = lr_at(step, self.cfg.optim, self.cfg.train.steps)
         for g in self.engine.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         counts = self._global_counts(micro_batches)
+        if step in self.fault_nan_steps:          # fault injection (tests): an empty normaliser -> inf loss
+            self.fault_nan_steps.discard(step)    # once: a rolled-back run passes this step again
+            counts[0] = torch.zeros_like(counts[0])
         if self.layout.pp > 1:
             items = [((b["input_ids"], b["doc_ids"]), (b["labels"], c)) for b, c in zip(micro_batches, counts)]
             total = self.engine.train_batch(iter(items)).detach().float().cpu()
         else:
             total = torch.zeros(())
-            for b, c in zip(micro_batches, counts):
+            last = len(micro_batches) - 1
+            for j, (b, c) in enumerate(zip(micro_batches, counts)):
                 ids, labels, docs = (b[k].to(self.device) for k in ("input_ids", "labels", "doc_ids"))
                 loss = self.engine(ids, labels, docs, c.to(self.device))
                 self.engine.backward(loss)
-                self.engine.step()
                 total += loss.detach().float().cpu() / len(micro_batches)
+                if j == last:
+                    self._guarded_step(self.engine.step, total)
+                else:
+                    self.engine.step()
             if self.dp_size > 1:
                 dist.all_reduce(total, group=self.dp_group)
                 total /= self.dp_size
-        self.slow.step(step, lr)
+        if self.last_step_finite or self.cfg.train.on_nan != "skip":
+            self.slow.step(step, lr)
+        else:
+            self.slow.discard_step()
         return float(total)
 
 
-def rank_batches(cfg: RunConfig, layout: Layout, dp_rank: int) -> Iterator[dict]:
-    """This DP rank's micro-batches. Built-in corpus: every rank draws the same global micro-batch
-    (``micro x DP`` rows) and keeps its rows, so the run sees exactly one process's batches."""
+def rank_data(cfg: RunConfig, layout: Layout, dp_rank: int, state: Optional[dict] = None):
+    """``(micro-batch iterator, state function)`` of this DP rank. Built-in corpus: every rank draws
+    the same global micro-batch (``micro x DP`` rows) and keeps its rows, so the run sees exactly one
+    process's batches. ``state``: a checkpoint's (global) data position."""
     if cfg.data.dataset:
-        yield from build_data(cfg, layout.micro_batch, cfg.train.seed, dp_rank, layout.dp).train
-        return
+        src = build_data(cfg, layout.micro_batch, cfg.train.seed, dp_rank, layout.dp, state=state)
+        return src.train, src.state
     m = layout.micro_batch
-    for b in build_data(cfg, m * layout.dp, cfg.train.seed).train:
-        yield {k: v[dp_rank * m:(dp_rank + 1) * m] for k, v in b.items()}
+    src = build_data(cfg, m * layout.dp, cfg.train.seed, state=state)
+
+    def rows():
+        for b in src.train:
+            yield {k: v[dp_rank * m:(dp_rank + 1) * m] for k, v in b.items()}
+    return rows(), src.state
+
+
+def rank_batches(cfg: RunConfig, layout: Layout, dp_rank: int) -> Iterator[dict]:
+    return rank_data(cfg, layout, dp_rank)[0]
 
 
 def train_distributed(cfg: RunConfig) -> dict:
     """``nl-pretrain train`` under torchrun / the DeepSpeed launcher / Ray / srun."""
+    from nl_pretrain.checkpoint.manager import Checkpointer, check_checkpoint_config
+    check_checkpoint_config(cfg)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     trainer = DistributedTrainer(cfg)
     layout, rank = trainer.layout, dist.get_rank()
-    data = rank_batches(cfg, layout, trainer.dp_rank)
     run_dir = Path(cfg.train.run_dir)
+    ckpt = Checkpointer(cfg, trainer.access(), trainer.coords(), trainer.plan, trainer.layout_dict())
+    tokens_per_step = layout.global_batch * cfg.data.seq_len
+    step, data_state = 0, None
+    if cfg.train.resume:
+        path = ckpt.find(cfg.train.resume)
+        if path is None:
+            if rank == 0:
+                print(f"resume: no complete checkpoint under {ckpt.root}; starting at step 0", flush=True)
+        else:
+            common = ckpt.load(path)
+            step, data_state = common["step"], common["data"]
+            if rank == 0:
+                note = "" if common["same_layout"] else f" (saved under {common['layout']}, now {trainer.layout_dict()})"
+                print(f"resumed from {path} at step {step}{note}", flush=True)
+    data, data_state_fn = rank_data(cfg, layout, trainer.dp_rank, data_state)
     log = None
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
         log = MetricsLog(run_dir)
         print(f"distributed: {layout.describe()}", flush=True)
-    tokens_per_step = layout.global_batch * cfg.data.seq_len
     start = window = time.perf_counter()
-    losses = []
-    for step in range(cfg.train.steps):
+    losses, window_steps, nan_streak, events = [], 0, 0, []
+    while step < cfg.train.steps:
+        maybe_kill(step, rank, run_dir)
         loss = trainer.train_step(step, [next(data) for _ in range(layout.grad_accum)])
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step}; lower --optim.lr (now {cfg.optim.lr})")
+        if not trainer.last_step_finite:
+            nan_streak += 1
+            event = handle_nan(cfg, step, loss, nan_streak, rank)
+            if event == "rollback":
+                ckpt.wait()
+                path = ckpt.find("auto")
+                if path is None:
+                    raise FloatingPointError(f"loss is {loss} at step {step} and there is no checkpoint under "
+                                             f"{ckpt.root} to roll back to")
+                back = ckpt.load(path)["step"]
+                events.append({"step": step, "event": "rollback", "to_step": back})
+                if log:
+                    log.write(step + 1, {"nan_event": "rollback", "loss": loss, "rolled_back_to": back})
+                step = back                     # the data position stays: the batches since are skipped
+                continue
+            events.append({"step": step, "event": "skip"})
+            if log:
+                log.write(step + 1, {"nan_event": "skip", "loss": loss})
+            step += 1
+            continue
+        nan_streak = 0
         losses.append(loss)
-        if rank == 0 and ((step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps):
+        window_steps += 1
+        step += 1
+        if rank == 0 and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
             now = time.perf_counter()
-            n = min(cfg.train.log_every, len(losses))
-            tps = n * tokens_per_step / max(now - window, 1e-9)
-            rec = {"loss": sum(losses[-n:]) / n, "tokens_per_s": tps, "tokens": (step + 1) * tokens_per_step,
+            n = max(1, min(window_steps, len(losses)))
+            tps = window_steps * tokens_per_step / max(now - window, 1e-9)
+            rec = {"loss": sum(losses[-n:]) / n, "tokens_per_s": tps, "tokens": step * tokens_per_step,
                    "elapsed_s": now - start}
-            log.write(step + 1, rec)
-            print(f"step {step + 1}/{cfg.train.steps} loss {rec['loss']:.4f} tok/s {tps:,.0f}", flush=True)
-            window = now
-    summary = {"final_loss": losses[-1], "steps": cfg.train.steps, "layout": layout.describe(),
-               "elapsed_s": time.perf_counter() - start}
+            log.write(step, rec)
+            print(f"step {step}/{cfg.train.steps} loss {rec['loss']:.4f} tok/s {tps:,.0f}", flush=True)
+            window, window_steps = now, 0
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
+            ckpt.save(step, step * tokens_per_step, data_state_fn())
+    summary = {"final_loss": losses[-1] if losses else float("nan"), "steps": cfg.train.steps,
+               "layout": layout.describe(), "elapsed_s": time.perf_counter() - start, "nan_events": events,
+               "losses": losses}
     if cfg.checkpoint.save_final:
-        ckpt = run_dir / "checkpoints"
-        trainer.engine.save_checkpoint(str(ckpt), tag="final", client_state={"config": dump_config(cfg)})
-        summary["checkpoint"] = str(ckpt / "final")
+        ckpt.save(cfg.train.steps, cfg.train.steps * tokens_per_step, data_state_fn())
+        ckpt.wait()
+        summary["checkpoint"] = str(ckpt.store.latest())
+    ckpt.wait()
     if rank == 0:
         log.close()
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -18,7 +18,10 @@ class DataSource:
     loader: Optional[object] = None
 
 
-def build_data(cfg, micro_batch_size: int, seed: int, dp_rank: int = 0, dp_size: int = 1) -> DataSource:
+def build_data(cfg, micro_batch_size: int, seed: int, dp_rank: int = 0, dp_size: int = 1,
+               state: Optional[dict] = None) -> DataSource:
+    """Training batches (and a held-out iterator factory); ``state`` (a checkpoint's data state, a
+    global position) continues where that run stopped, whatever its data-parallel size was."""
     d = cfg.data
     if d.dataset:
         if not Path(d.dataset).is_dir():
@@ -31,6 +34,8 @@ def build_data(cfg, micro_batch_size: int, seed: int, dp_rank: int = 0, dp_size:
         if train.seq_len != d.seq_len:
             raise ValueError(f"data.seq_len ({d.seq_len}) differs from the dataset's seq_len ({train.seq_len}) "
                              f"in {d.dataset}; set --data.seq_len={train.seq_len} or prepare the data again")
+        if state is not None:
+            train.load_state_dict(state)
 
         def make_val():
             return iter(TokenLoader(d.dataset, "val", micro_batch_size, dp_rank, dp_size, seed=seed, loop=False))
@@ -39,10 +44,16 @@ def build_data(cfg, micro_batch_size: int, seed: int, dp_rank: int = 0, dp_size:
                           train.state_dict, loader=train)
     tr = ByteCorpus(d.source, "train", d.seq_len, d.val_fraction, d.max_documents)
     va = ByteCorpus(d.source, "val", d.seq_len, d.val_fraction, d.max_documents) if d.val_fraction > 0 else None
-    consumed = {"samples": 0}
+    start = 0
+    if state is not None:
+        if state.get("seed", seed) != seed:
+            raise ValueError(f"the checkpoint's data order was drawn with seed {state.get('seed')}, this run's "
+                             f"is {seed}; resume with --train.seed={state.get('seed')}")
+        start = int(state["samples_consumed"])
+    consumed = {"samples": start}
 
     def train_iter():
-        for batch in tr.batches(micro_batch_size, seed):
+        for batch in tr.batches(micro_batch_size, seed, start_sample=start):
             consumed["samples"] = batch.pop("samples_consumed")
             yield batch
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -14,7 +13,6 @@ import torch
 from nl_pretrain.config import RunConfig, dump_config
 from nl_pretrain.model import LanguageModel
 from nl_pretrain.optim import ModelOptimizer, lr_at
-from nl_pretrain.train.checkpoint import save_checkpoint
 from nl_pretrain.train.data import build_data
 from nl_pretrain.train.flops import device_peak_tflops, flops_per_token
 
@@ -79,12 +77,31 @@ class MetricsLog:
 
 
 def train(cfg: RunConfig) -> dict:
+    from nl_pretrain.checkpoint.manager import Checkpointer, check_checkpoint_config
+    from nl_pretrain.checkpoint.state import LocalAccess
+    from nl_pretrain.train.faults import fault_steps, handle_nan
     t_cfg = cfg.train
+    check_checkpoint_config(cfg)
     if t_cfg.threads:
         torch.set_num_threads(t_cfg.threads)
     seed_everything(t_cfg.seed)
     device = pick_device(t_cfg.device)
-    data = build_data(cfg, t_cfg.micro_batch_size, t_cfg.seed)
+    model = LanguageModel(cfg.model).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = ModelOptimizer(model, cfg.optim, cfg.model.cms)
+    ckpt = Checkpointer(cfg, LocalAccess(model, opt), {"rank": 0, "world": 1, "tp": 0, "tp_size": 1, "pp": 0,
+                                                        "dp": 0, "dp_size": 1}, plan={})
+    start_step, data_state = 0, None
+    if t_cfg.resume:
+        path = ckpt.find(t_cfg.resume)
+        if path is None:
+            print(f"resume: no complete checkpoint under {ckpt.root}; starting at step 0")
+        else:
+            common = ckpt.load(path)
+            start_step, data_state = common["step"], common["data"]
+            note = "" if common["same_layout"] else f" (saved under {common['layout']})"
+            print(f"resumed from {path} at step {start_step}{note}")
+    data = build_data(cfg, t_cfg.micro_batch_size, t_cfg.seed, state=data_state)
     if data.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's vocabulary "
                          f"({data.vocab_size}); set --model.vocab_size={data.vocab_size}")
@@ -92,13 +109,11 @@ def train(cfg: RunConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
 
-    model = LanguageModel(cfg.model).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    opt = ModelOptimizer(model, cfg.optim, cfg.model.cms)
     tokens_per_step = t_cfg.micro_batch_size * t_cfg.grad_accum * cfg.data.seq_len
     fpt = flops_per_token(cfg.model, n_params, cfg.data.seq_len)
     peak = device_peak_tflops(device)
     bf16 = t_cfg.precision == "bf16"
+    nan_steps = fault_steps("NL_PRETRAIN_FAULT_NAN_STEPS")
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -107,68 +122,81 @@ def train(cfg: RunConfig) -> dict:
     print(f"run dir {run_dir}; {t_cfg.steps} steps x {tokens_per_step} tokens")
     log = MetricsLog(run_dir)
     from tqdm import tqdm
-    bar = tqdm(total=t_cfg.steps, disable=not t_cfg.progress, dynamic_ncols=True, unit="step")
-    summary = {"parameters": n_params}
+    bar = tqdm(total=t_cfg.steps, initial=start_step, disable=not t_cfg.progress, dynamic_ncols=True, unit="step")
+    summary = {"parameters": n_params, "nan_events": []}
     window_tokens, window_start, start = 0, time.perf_counter(), time.perf_counter()
     loss_hist = []
-    for step in range(t_cfg.steps):
+    step, nan_streak = start_step, 0
+    while step < t_cfg.steps:
         lr = lr_at(step, cfg.optim, t_cfg.steps)
         step_loss = 0.0
-        for _ in range(t_cfg.grad_accum):
+        for j in range(t_cfg.grad_accum):
             b = next(data.train)
             with autocast():
                 loss = model.loss(b["input_ids"].to(device), b["labels"].to(device), b["doc_ids"].to(device))
+            if step in nan_steps and j == 0:     # fault injection (tests), once per step number
+                nan_steps.discard(step)
+                loss = loss * float("inf")
             (loss / t_cfg.grad_accum).backward()
             step_loss += float(loss.detach()) / t_cfg.grad_accum
         if not math.isfinite(step_loss):
-            raise FloatingPointError(f"loss is {step_loss} at step {step}; lower --optim.lr (now {cfg.optim.lr}) "
-                                     f"or use --train.precision=fp32")
+            nan_streak += 1
+            opt.zero_grad()                       # nothing of this step reaches the weights
+            action = handle_nan(cfg, step, step_loss, nan_streak, 0)
+            if action == "rollback":
+                path = ckpt.find("auto")
+                if path is None:
+                    raise FloatingPointError(f"loss is {step_loss} at step {step} and there is no checkpoint "
+                                             f"under {ckpt.root} to roll back to")
+                back = ckpt.load(path)["step"]
+                summary["nan_events"].append({"step": step, "event": "rollback", "to_step": back})
+                log.write(step + 1, {"nan_event": "rollback", "loss": step_loss, "rolled_back_to": back})
+                bar.update(back - step)
+                step = back
+                continue
+            summary["nan_events"].append({"step": step, "event": "skip"})
+            log.write(step + 1, {"nan_event": "skip", "loss": step_loss})
+            step += 1
+            bar.update(1)
+            continue
+        nan_streak = 0
         grad_norm = opt.step(step, lr)
         opt.zero_grad()
         loss_hist.append(step_loss)
         window_tokens += tokens_per_step
         bar.update(1)
-        if (step + 1) % t_cfg.log_every == 0 or step + 1 == t_cfg.steps:
+        step += 1
+        if step % t_cfg.log_every == 0 or step == t_cfg.steps:
             now = time.perf_counter()
             tps = window_tokens / max(now - window_start, 1e-9)
-            rec = {"loss": sum(loss_hist[-t_cfg.log_every:]) / len(loss_hist[-t_cfg.log_every:]), "lr": lr,
-                   "grad_norm": grad_norm, "tokens_per_s": tps, "tokens": (step + 1) * tokens_per_step,
+            recent = loss_hist[-t_cfg.log_every:]
+            rec = {"loss": sum(recent) / len(recent), "lr": lr,
+                   "grad_norm": grad_norm, "tokens_per_s": tps, "tokens": step * tokens_per_step,
                    "elapsed_s": now - start}
             if peak:
                 rec["mfu"] = tps * fpt / (peak * 1e12)
-            log.write(step + 1, rec)
+            log.write(step, rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
             if not t_cfg.progress:
-                print(f"step {step + 1}/{t_cfg.steps} loss {rec['loss']:.4f} lr {lr:.2e} tok/s {tps:,.0f}"
+                print(f"step {step}/{t_cfg.steps} loss {rec['loss']:.4f} lr {lr:.2e} tok/s {tps:,.0f}"
                       + (f" mfu {rec['mfu']:.1%}" if peak else ""), flush=True)
             window_tokens, window_start = 0, time.perf_counter()
-        if (step + 1) % t_cfg.eval_every == 0 or step + 1 == t_cfg.steps:
+        if step % t_cfg.eval_every == 0 or step == t_cfg.steps:
             ev = evaluate(model, data.make_val(), device, t_cfg.eval_batches, autocast)
             if ev:
-                log.write(step + 1, ev)
+                log.write(step, ev)
                 summary.update(ev)
-                bar.write(f"step {step + 1}: held-out loss {ev['val_loss']:.4f}, perplexity {ev['val_ppl']:.2f}")
-        if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < t_cfg.steps:
-            _save(run_dir / "checkpoints" / f"step_{step + 1:08d}.pt", cfg, model, opt, step + 1, data)
+                bar.write(f"step {step}: held-out loss {ev['val_loss']:.4f}, perplexity {ev['val_ppl']:.2f}")
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < t_cfg.steps:
+            ckpt.save(step, step * tokens_per_step, data.state())
     bar.close()
-    summary.update({"final_loss": loss_hist[-1], "steps": t_cfg.steps, "elapsed_s": time.perf_counter() - start})
+    summary.update({"final_loss": loss_hist[-1] if loss_hist else float("nan"), "steps": t_cfg.steps,
+                    "losses": loss_hist, "elapsed_s": time.perf_counter() - start})
     if cfg.checkpoint.save_final:
-        path = run_dir / "checkpoints" / "final.pt"
-        _save(path, cfg, model, opt, t_cfg.steps, data)
-        summary["checkpoint"] = str(path)
+        ckpt.save(t_cfg.steps, t_cfg.steps * tokens_per_step, data.state())
+        ckpt.wait()
+        summary["checkpoint"] = str(ckpt.store.latest())
+    ckpt.wait()
     log.close()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def _save(path: Path, cfg, model, opt, step: int, data) -> None:
-    save_checkpoint(str(path), {
-        "step": step,
-        "config": dump_config(cfg),
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "data": data.state(),
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-        "versions": {"torch": torch.__version__, "nl_pretrain": "0.1.0"},
-        "pid": os.getpid(),
-    })

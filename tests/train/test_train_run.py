@@ -31,9 +31,14 @@ def test_train_writes_run_directory_and_learns(tmp_path, config):
     assert train[-1]["loss"] < train[0]["loss"] - 0.5, train      # it learns
     assert [r["step"] for r in evals] == [12, 24]
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tb").iterdir())
-    ckpt = torch.load(run / "checkpoints" / "final.pt", weights_only=False)
-    assert ckpt["step"] == 24 and "model" in ckpt and "optimizer" in ckpt and "rng" in ckpt
-    assert not list((run / "checkpoints").glob("*.tmp"))
+    final = run / "checkpoints" / "step-00000024"
+    assert (run / "checkpoints" / "latest").read_text().strip() == final.name
+    common = torch.load(final / "common.pt", weights_only=False)
+    assert common["step"] == 24 and common["counters"]["adam_steps"] == 24
+    shard = torch.load(final / "shard-tp000-pp000-dp00000.pt", weights_only=False)
+    assert "embed.weight" in shard["records"] and "exp_avg" in shard["records"]["embed.weight"]
+    assert (final / "local-00000.pt").is_file() and (final / "index.json").is_file()
+    assert not list((run / "checkpoints").glob("*.tmp-*"))
 
 
 def test_train_bad_override_fails_before_work(tmp_path):
@@ -61,8 +66,8 @@ def test_train_on_prepared_dataset(tmp_path):
                   "--train.micro_batch_size=4", "--data.seq_len=64", f"--data.dataset={ds}",
                   "--train.progress=false", "--optim.warmup_steps=2")
     assert "held-out loss" in res.stdout
-    ckpt = torch.load(run / "checkpoints" / "final.pt", weights_only=False)
-    assert ckpt["data"]["samples_consumed"] == 12 * 4          # the loader's global position is saved
+    common = torch.load(run / "checkpoints" / "step-00000012" / "common.pt", weights_only=False)
+    assert common["data"]["samples_consumed"] == 12 * 4          # the loader's global position is saved
     bad = run_cli("train", "--config", "configs/tiny_hope.yaml", f"--train.run_dir={run}2", f"--data.dataset={ds}",
                   "--data.seq_len=128", check=False)
     assert bad.returncode == 2 and "differs from the dataset's seq_len (64)" in bad.stderr

@@ -1,0 +1,384 @@
+"""What a checkpoint holds, written so that any layout can read it (docs/CHECKPOINT.md).
+
+Every parameter is stored under its name in the single-device :class:`~nl_pretrain.model.LanguageModel`
+as a record ``{"value", "exp_avg", "exp_avg_sq"[, "acc"]}`` of fp32 tensors: the parameter (the fp32
+master copy where one exists), its AdamW moments, and for a slow CMS step level its accumulated
+gradient. A record is one tensor-parallel shard, full across data parallelism (ZeRO partitions are
+gathered when saving and scattered when loading), saved by one data-parallel rank (records are dealt
+round-robin over the DP ranks, so they all write). Each shard file also holds the tensor-parallel
+plan (``(style, dim)`` per sharded name) and its tensor rank, so a reader with another TP size
+concatenates the pieces and takes its own slice; pipeline stages find their blocks by name. Optimizer
+step counts (AdamW bias correction) are counters; the data position is the loader's global state.
+
+The accumulator of a slow level is saved as the mean over the DP ranks (what their next update
+all-reduces to), so any layout can continue it; each rank's own accumulator and random generators
+go to its ``local-{rank}.pt``, which only the same layout restores (bitwise resume).
+
+Files: ``shard-tp{t}-pp{p}-dp{d}.pt`` (records), ``local-{rank}.pt``, ``common.pt`` (rank 0: step,
+tokens, counters, data state, config).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import asdict
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+FORMAT = "nl-pretrain-state/1"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def shard_file(tp: int, pp: int, dp: int) -> str:
+    return f"shard-tp{tp:03d}-pp{pp:03d}-dp{dp:05d}.pt"
+
+
+def local_file(rank: int) -> str:
+    """Per-rank state that only the same layout can use: RNG, this rank's own CMS accumulators."""
+    return f"local-{rank:05d}.pt"
+
+
+# ---------------------------------------------------------------------------------------------- RNG
+def capture_rng() -> dict:
+    from nl_pretrain.parallel import random as tp_random
+    out = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "tp_streams": tp_random._tp_states}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def restore_rng(state: dict) -> None:
+    from nl_pretrain.parallel import random as tp_random
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tp_random._tp_states = state.get("tp_streams")
+
+
+# --------------------------------------------------------------------------------- optimizer access
+def inner_torch_optimizer(opt):
+    """The ``torch.optim`` optimizer inside DeepSpeed's wrappers (ZeRO, bf16) or ``opt`` itself."""
+    while not (isinstance(opt, torch.optim.Optimizer) and type(opt).__module__.startswith("torch.optim")):
+        opt = opt.optimizer
+    return opt
+
+
+def _scalar_step(value: float) -> torch.Tensor:
+    return torch.tensor(float(value), dtype=torch.float32)
+
+
+def ensure_adam_state(opt: torch.optim.Optimizer) -> None:
+    """Create AdamW's state for parameters that have none yet (before the first step), equivalent to
+    a fresh optimizer: zero moments, step 0."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if not opt.state.get(p):
+                opt.state[p] = {"step": _scalar_step(0), "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+
+def _steps(opt: torch.optim.Optimizer) -> int:
+    return int(max((float(st["step"]) for st in opt.state.values() if "step" in st), default=0))
+
+
+def _set_steps(opt: torch.optim.Optimizer, n: int) -> None:
+    for st in opt.state.values():
+        if "step" in st:
+            st["step"] = _scalar_step(n).to(st["step"].device) if torch.is_tensor(st["step"]) else n
+
+
+class ParamAccess:
+    """Read and write the records of the parameters one rank holds.
+
+    ``named``: every ``(global name, parameter)`` on this rank; ``owners``: the ones this rank's
+    tensor/pipeline coordinates save (not the copy of a tied weight on a later stage, not a
+    tensor-replicated parameter on a tensor rank > 0). ``read``/``write`` may be collective over the
+    data-parallel group: every DP rank calls them for the same names in the same order.
+    """
+
+    named: List[Tuple[str, torch.nn.Parameter]]
+
+    def owners(self) -> List[Tuple[str, torch.nn.Parameter]]:
+        return self.named
+
+    def read(self, name: str, p) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def write(self, name: str, p, rec: Dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def counters(self) -> dict:
+        raise NotImplementedError
+
+    def set_counters(self, counters: dict) -> None:
+        raise NotImplementedError
+
+    def local_state(self) -> dict:
+        """State of this rank only (restored only under the same layout)."""
+        return {}
+
+    def set_local_state(self, state: dict) -> None:
+        pass
+
+
+def _plain_read(p, opt, acc=None) -> dict:
+    st = opt.state.get(p) or {}
+    rec = {"value": p.detach().float().clone()}
+    for k in MOMENTS:
+        rec[k] = st[k].detach().float().clone() if k in st else torch.zeros_like(rec["value"])
+    if acc is not None:
+        rec["acc"] = acc.detach().clone()
+    return rec
+
+
+def _plain_write(p, opt, rec: dict, acc=None) -> None:
+    with torch.no_grad():
+        p.copy_(rec["value"].to(p.dtype))
+    st = opt.state.get(p)
+    if not st:
+        st = opt.state[p] = {"step": _scalar_step(0)}
+    for k in MOMENTS:
+        st[k] = rec[k].to(device=p.device, dtype=p.dtype).clone()
+    if acc is not None:
+        acc.copy_(rec["acc"] if "acc" in rec else torch.zeros_like(acc))
+
+
+class LocalAccess(ParamAccess):
+    """One process: :class:`~nl_pretrain.optim.ModelOptimizer` (every-step AdamW + slow levels)."""
+
+    def __init__(self, model, opt):
+        self.opt = opt
+        self.named = list(model.named_parameters())
+        self.slot = {}                                  # id(p) -> (torch optimizer, accumulator or None)
+        for p in (p for g in opt.base.param_groups for p in g["params"]):
+            self.slot[id(p)] = (opt.base, None)
+        for lv in opt.slow.values():
+            for p, a in zip(lv["params"], lv["acc"]):
+                self.slot[id(p)] = (lv["opt"], a)
+
+    def read(self, name, p):
+        o, acc = self.slot[id(p)]
+        return _plain_read(p, o, acc)
+
+    def write(self, name, p, rec):
+        o, acc = self.slot[id(p)]
+        _plain_write(p, o, rec, acc)
+
+    def counters(self):
+        return {"adam_steps": _steps(self.opt.base), "slow_updates": {i: _steps(lv["opt"]) for i, lv in self.opt.slow.items()}}
+
+    def set_counters(self, c):
+        _set_steps(self.opt.base, c["adam_steps"])
+        for i, lv in self.opt.slow.items():
+            _set_steps(lv["opt"], c["slow_updates"].get(i, c["slow_updates"].get(str(i), 0)))
+
+
+class EngineAccess(ParamAccess):
+    """One rank of :class:`~nl_pretrain.parallel.trainer.DistributedTrainer`: parameters inside the
+    DeepSpeed engine (plain AdamW, bf16 masters, ZeRO 1/2 fragments, ZeRO-3 partitions) and the slow
+    CMS levels beside it."""
+
+    def __init__(self, trainer):
+        from megatron.core import parallel_state as ps
+        self.trainer = trainer
+        self.named = trainer.named_parameters()
+        self.inner = inner_torch_optimizer(trainer.engine.optimizer)
+        ensure_adam_state(self.inner)
+        wrapper = trainer.engine.optimizer
+        if hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):          # ZeRO 1/2: link moments
+            wrapper._hp_optimizer_states_linked = False
+            wrapper._lazy_init_hp_params_optimizer_state()
+        self.master = {}                                # bf16 without ZeRO: lp -> fp32 master
+        if hasattr(wrapper, "fp16_groups") and hasattr(wrapper, "fp32_groups"):
+            for lows, highs in zip(wrapper.fp16_groups, wrapper.fp32_groups):
+                for lo, hi in zip(lows, highs):
+                    self.master[id(lo)] = hi
+        self.slow = {}
+        for lv in trainer.slow.levels.values():
+            for p, a in zip(lv["params"], lv["acc"]):
+                self.slow[id(p)] = (lv["opt"], a)
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+
+    def owners(self):
+        return [(n, p) for n, p in self.named
+                if not getattr(p, "ds_pipe_replicated", False)
+                and (self.tp_rank == 0 or getattr(p, "tensor_model_parallel", False))]
+
+    @staticmethod
+    def _partitioned(p) -> bool:
+        # ZeRO 1/2 (and bf16) give every engine parameter ``_hp_mapping``, None where this rank holds
+        # none of it; the gather is collective either way, so test for the attribute, not its value
+        return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
+
+    def read(self, name, p):
+        if id(p) in self.slow:
+            o, acc = self.slow[id(p)]
+            rec = _plain_read(p, o, acc)
+            if self.trainer.dp_size > 1:       # the DP ranks' local sums differ: keep their mean, which
+                import torch.distributed as dist   # is what their update step all-reduces to
+                dist.all_reduce(rec["acc"], group=self.trainer.dp_group)
+                rec["acc"] /= self.trainer.dp_size
+            return rec
+        if self._partitioned(p):
+            from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+            rec = {"value": safe_get_full_fp32_param(p).detach().float().cpu().clone()}
+            for k in MOMENTS:
+                rec[k] = safe_get_full_optimizer_state(p, k).detach().float().cpu().clone()
+            return rec
+        hi = self.master.get(id(p), p)
+        rec = _plain_read(hi, self.inner)
+        return {k: v.cpu() for k, v in rec.items()}
+
+    def write(self, name, p, rec):
+        if id(p) in self.slow:
+            o, acc = self.slow[id(p)]
+            return _plain_write(p, o, {k: v.to(p.device) for k, v in rec.items()}, acc)
+        if self._partitioned(p):
+            from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+            dev = self.trainer.device
+            safe_set_full_fp32_param(p, rec["value"].to(dev))
+            for k in MOMENTS:
+                safe_set_full_optimizer_state(p, rec[k].to(dev), k)
+            if hasattr(p, "ds_id"):                      # ZeRO-3: the low-precision partition too
+                import deepspeed
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    with torch.no_grad():
+                        p.copy_(rec["value"].to(device=p.device, dtype=p.dtype))
+            else:
+                with torch.no_grad():
+                    p.copy_(rec["value"].to(device=p.device, dtype=p.dtype))
+            return
+        hi = self.master.get(id(p))
+        if hi is not None:
+            _plain_write(hi, self.inner, {k: v.to(hi.device) for k, v in rec.items()})
+            with torch.no_grad():
+                p.copy_(rec["value"].to(device=p.device, dtype=p.dtype))
+        else:
+            _plain_write(p, self.inner, {k: v.to(p.device) for k, v in rec.items()})
+
+    def local_state(self):
+        return {"slow_acc": {n: self.slow[id(p)][1].detach().clone() for n, p in self.named if id(p) in self.slow}}
+
+    def set_local_state(self, state):
+        for n, p in self.named:
+            if id(p) in self.slow and n in state.get("slow_acc", {}):
+                self.slow[id(p)][1].copy_(state["slow_acc"][n])
+
+    def counters(self):
+        return {"adam_steps": _steps(self.inner),
+                "slow_updates": {i: _steps(lv["opt"]) for i, lv in self.trainer.slow.levels.items()}}
+
+    def set_counters(self, c):
+        _set_steps(self.inner, c["adam_steps"])
+        for i, lv in self.trainer.slow.levels.items():
+            _set_steps(lv["opt"], c["slow_updates"].get(i, c["slow_updates"].get(str(i), 0)))
+
+
+# ------------------------------------------------------------------------------- save and assemble
+def collect_records(access: ParamAccess, dp_rank: int = 0, dp_size: int = 1) -> Dict[str, dict]:
+    """This rank's share of the records: every DP rank reads every owned record (the reads may be
+    collective), keeps those dealt to it (``i % dp_size == dp_rank``)."""
+    mine = {}
+    for i, (name, p) in enumerate(sorted(access.owners(), key=lambda np_: np_[0])):
+        rec = access.read(name, p)
+        if i % dp_size == dp_rank:
+            mine[name] = rec
+    return mine
+
+
+def snapshot(access: ParamAccess) -> Tuple[Dict[str, dict], dict]:
+    """Every record this rank holds, in memory (for an in-memory rollback of one step)."""
+    records = {n: access.read(n, p) for n, p in sorted(access.named, key=lambda np_: np_[0])}
+    return records, access.counters(), access.local_state()
+
+
+def restore(access: ParamAccess, snap) -> None:
+    records, counters, local = snap
+    for n, p in sorted(access.named, key=lambda np_: np_[0]):
+        access.write(n, p, records[n])
+    access.set_counters(counters)
+    access.set_local_state(local)
+
+
+class Assembler:
+    """The records of a checkpoint, sliced for a reader's tensor-parallel rank and size."""
+
+    def __init__(self, shards: List[dict]):
+        self.pieces: Dict[str, Dict[int, dict]] = {}
+        self.plan: Dict[str, Tuple[str, int]] = {}
+        self.saved_tp = 1
+        for sh in shards:
+            self.saved_tp = sh["tp_size"]
+            self.plan.update({k: tuple(v) for k, v in sh["plan"].items()})
+            for name, rec in sh["records"].items():
+                self.pieces.setdefault(name, {})[sh["tp_rank"]] = rec
+
+    def names(self) -> List[str]:
+        return sorted(self.pieces)
+
+    def full(self, name: str) -> dict:
+        """The record of the whole tensor (tensor-parallel pieces concatenated)."""
+        pieces = self.pieces[name]
+        if name not in self.plan or self.saved_tp == 1:
+            return pieces[min(pieces)]
+        missing = [t for t in range(self.saved_tp) if t not in pieces]
+        if missing:
+            raise KeyError(f"{name}: the checkpoint lacks tensor-parallel pieces {missing}")
+        dim = self.plan[name][1]
+        return {k: torch.cat([pieces[t][k] for t in range(self.saved_tp)], dim) for k in pieces[0]}
+
+    def local(self, name: str, tp_rank: int, tp_size: int, dim: Optional[int]) -> dict:
+        """This rank's slice: the saved piece when the TP size is unchanged, else a slice of the whole."""
+        if name not in self.pieces:
+            raise KeyError(f"the checkpoint has no parameter '{name}'")
+        if dim is None:
+            return self.full(name)
+        if tp_size == self.saved_tp and tp_rank in self.pieces[name] and name in self.plan:
+            return self.pieces[name][tp_rank]
+        whole = self.full(name)
+        return {k: v.narrow(dim, tp_rank * (v.shape[dim] // tp_size), v.shape[dim] // tp_size) for k, v in whole.items()}
+
+
+def model_config_diff(saved: dict, current) -> List[str]:
+    now = asdict(current)
+    keys = sorted(set(saved) | set(now))
+    return [f"model.{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in keys
+            if saved.get(k) != now.get(k)]
+
+
+def load_records(access: ParamAccess, assembler: Assembler, tp_rank: int, tp_size: int,
+                 plan: Dict[str, Tuple[str, int]]) -> None:
+    """Write every parameter this rank holds from the checkpoint (collective for ZeRO-3)."""
+    for name, p in sorted(access.named, key=lambda np_: np_[0]):
+        dim = plan[name][1] if name in plan and tp_size > 1 else None
+        rec = assembler.local(name, tp_rank, tp_size, dim)
+        for k, v in rec.items():
+            if k != "acc" and tuple(v.shape) != tuple(p.shape) and not hasattr(p, "ds_id"):
+                raise ValueError(f"checkpoint record {name}.{k} has shape {tuple(v.shape)}, the model "
+                                 f"{tuple(p.shape)}: the model config differs from the checkpoint's")
+        access.write(name, p, rec)
+
+
+def pick_latest(store, comm, rank: int, resume: str) -> Optional[str]:
+    """Rank 0 picks the checkpoint (``auto``: the newest complete one; else a path) and tells all."""
+    from pathlib import Path
+    choice = None
+    if rank == 0:
+        if resume == "auto":
+            found = store.latest()
+            choice = str(found) if found is not None else None
+        else:
+            if not Path(resume, "index.json").is_file():
+                choice = ("error", f"--resume {resume}: not a complete checkpoint directory (no index.json); "
+                                   f"use --resume auto or a step-XXXXXXXX directory")
+            else:
+                choice = str(Path(resume))
+    choice = comm.broadcast_object(choice, src=0)
+    if isinstance(choice, tuple):
+        raise FileNotFoundError(choice[1])
+    return choice
+

@@ -1,0 +1,42 @@
+"""Failure handling shared by the single-process loop and the distributed trainer: what a
+non-finite loss leads to (``train.on_nan``), and fault injection for the tests of it."""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+
+def fault_steps(var: str) -> set:
+    """Steps named in a fault-injection variable (``"3,5"``), for tests of failure handling."""
+    raw = os.environ.get(var, "").strip()
+    return {int(x) for x in raw.split(",") if x.strip()} if raw else set()
+
+
+def maybe_kill(step: int, rank: int, run_dir: Path) -> None:
+    """Fault injection (tests): ``NL_PRETRAIN_FAULT_KILL=<rank>:<step>`` SIGKILLs that rank once at
+    that step (a marker file in the run directory makes it happen once per run directory)."""
+    spec = os.environ.get("NL_PRETRAIN_FAULT_KILL", "")
+    if not spec:
+        return
+    r, s = (int(x) for x in spec.split(":"))
+    marker = run_dir / ".fault-kill-done"
+    if r == rank and s == step and not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"rank {rank} killed at step {step}\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def handle_nan(cfg, step: int, loss: float, streak: int, rank: int) -> str:
+    """What a non-finite step leads to: ``skip`` | ``rollback``, or a FloatingPointError (stop)."""
+    policy = cfg.train.on_nan
+    if policy == "stop" or streak > cfg.train.max_nan_steps:
+        why = (f"{streak} non-finite steps in a row (train.max_nan_steps={cfg.train.max_nan_steps})"
+               if policy != "stop" else "train.on_nan=stop")
+        raise FloatingPointError(f"loss is {loss} at step {step}: {why}; lower --optim.lr (now {cfg.optim.lr}), "
+                                 f"check the data, or resume from a checkpoint with --train.resume=auto")
+    if rank == 0:
+        action = ("step skipped (weights, optimizer and CMS accumulators unchanged)" if policy == "skip"
+                  else "rolling back to the latest checkpoint; the batches since are skipped")
+        print(f"warning: loss is {loss} at step {step}: {action}", flush=True)
+    return policy
