@@ -1,4 +1,4 @@
-"""Sharded checkpoints: the on-disk store (content-agnostic). See docs/CHECKPOINT_STORE.md."""
+"""Sharded, layout-independent checkpoints (docs/CHECKPOINT.md)."""
 from nl_pretrain.checkpoint.store import (CheckpointError, CheckpointStore, CheckpointWarning, LocalComm,
                                           TorchDistComm, snapshot_to_host)
 

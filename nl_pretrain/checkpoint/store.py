@@ -12,7 +12,7 @@ it makes a set of per-rank files appear on disk all at once or not at all::
       latest                       text: the name of the newest committed directory
 
 Order of a save: files -> rank manifests -> index.json -> rename of the temporary directory ->
-``latest``. Protocol, retention and failure modes: docs/CHECKPOINT_STORE.md.
+``latest``. Protocol, retention and failure modes: docs/CHECKPOINT.md ("The store").
 """
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ def test_local_sh_trains_tiny_hope_on_two_cpu_ranks(tmp_path):
     assert "world 2 = tensor 2 x pipeline 1 x data 1" in proc.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 2 and 0 < summary["final_loss"] < math.log(4096)   # below uniform
-    assert (run_dir / "checkpoints" / "final").is_dir()
+    assert (run_dir / "checkpoints" / "step-00000002" / "index.json").is_file()
 
 
 def test_ray_launcher_trains_tiny_hope_with_two_workers(tmp_path):
