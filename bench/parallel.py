@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "parallel"))
 
 COLLECTIVES = ("all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
-               "reduce_scatter", "broadcast", "reduce", "all_to_all_single")
+               "reduce_scatter", "broadcast", "reduce", "all_to_all_single", "send", "isend")   # p2p: sender side
 
 
 def _count_collectives(counter: dict) -> None:
@@ -31,7 +31,7 @@ def _count_collectives(counter: dict) -> None:
 
     def wrap(name, fn):
         def inner(*args, **kwargs):
-            if dist.get_world_size(kwargs.get("group")) == 1:
+            if name not in ("send", "isend") and dist.get_world_size(kwargs.get("group")) == 1:
                 return fn(*args, **kwargs)    # a group of one rank moves no bytes
             sizes = []                        # payload: the largest tensor, or tensor list, passed
             for a in list(args) + list(kwargs.values()):
@@ -66,9 +66,9 @@ def bench_layout(tree, warmup: int, steps: int):
             "tokens_per_step": trainer.layout.global_batch * cfg.data.seq_len}
 
 
-def tree_for(family, tp, zero, periods, micro, seq):
+def tree_for(family, tp, pp, zero, periods, micro, seq):
     from workers import tiny_tree
-    t = tiny_tree(family, tp=tp, zero=zero, micro=micro, steps=100)
+    t = tiny_tree(family, tp=tp, pp=pp, zero=zero, micro=micro, accum=max(1, pp), steps=100)
     t["model"] = {"preset": f"{family}-tiny", "vocab_size": 260, "max_seq_len": seq}
     if family == "hope":
         t["model"]["cms"] = [{"kind": "context", "period": 16, "expansion": 2.0}] + [
@@ -88,19 +88,18 @@ def main() -> int:
     args = p.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from harness import run_distributed
-    layouts = [("1 process", 1, 1, 0), ("TP2", 2, 1, 0), ("DP2 ZeRO-1", 1, 2, 1), ("DP2 ZeRO-2", 1, 2, 2),
-               ("DP2 ZeRO-3", 1, 2, 3)]
+    # name, TP, PP, DP, ZeRO stage (PP runs 2 micro-batches per step: the pipeline needs >= PP in flight)
+    layouts = [("1 process", 1, 1, 1, 0), ("TP2", 2, 1, 1, 0), ("PP2", 1, 2, 1, 1), ("DP2 ZeRO-1", 1, 1, 2, 1),
+               ("DP2 ZeRO-2", 1, 1, 2, 2), ("DP2 ZeRO-3", 1, 1, 2, 3)]
     rows = []
     for family in args.families:
         variants = [("step levels 1,4", [1, 4]), ("step levels 1,1", [1, 1])] if family == "hope" else [("", [])]
         for vname, periods in variants:
-            for lname, tp, dp, zero in layouts:
-                if zero == 3 and any(k > 1 for k in periods):
-                    continue                      # refused: ZeRO-3 with slow CMS levels
-                tree = tree_for(family, tp, zero, periods, args.micro, args.seq)
-                res = run_distributed(bench_layout, tp * dp, tree, args.warmup, args.steps, timeout=900)
+            for lname, tp, pp, dp, zero in layouts:
+                tree = tree_for(family, tp, pp, zero, periods, args.micro, args.seq)
+                res = run_distributed(bench_layout, tp * pp * dp, tree, args.warmup, args.steps, timeout=900)
                 total_bytes = sum(sum(r["bytes"].values()) for r in res)
-                row = {"family": family, "cms": vname, "layout": lname, "ranks": tp * dp,
+                row = {"family": family, "cms": vname, "layout": lname, "ranks": tp * pp * dp,
                        "step_s": max(r["step_s"] for r in res),
                        "tokens_per_s": res[0]["tokens_per_step"] / max(r["step_s"] for r in res),
                        "collective_bytes_per_step": total_bytes,

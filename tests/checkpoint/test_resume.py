@@ -25,7 +25,8 @@ LAYOUTS = {      # name: (tree, data-parallel size)
     "pp2-zero1-hope-accum2": (tiny_tree("hope", pp=2, zero=1, accum=2, steps=N), 1),
     "dp2-zero3-hope": (tiny_tree("hope", zero=3, steps=N), 2),
 }
-EXACT = ("dp2-zero2-hope", "tp2-hope")
+BF16 = {"dp2-zero0-hope-bf16": (tiny_tree("hope", steps=N, precision="bf16"), 2)}   # DeepSpeed's bf16 masters
+EXACT = ("dp2-zero2-hope", "tp2-hope", "dp2-zero0-hope-bf16")
 
 
 def ckpt(run_dir: Path, step: int) -> Path:
@@ -36,7 +37,11 @@ def ckpt(run_dir: Path, step: int) -> Path:
 def straight(tmp_path_factory):
     """N steps straight under each layout, saving every N/2 steps (the save must not perturb the run)."""
     root = tmp_path_factory.mktemp("straight")
-    trees = {n: with_checkpoints(t, str(root / n), every=N // 2) for n, (t, _) in LAYOUTS.items()}
+    # the layouts resumed below run first, in the same order as there: a ZeRO-3 engine patches torch's
+    # linear layers process-wide, which changes later bf16 rounding in the same process
+    layouts = {**LAYOUTS, **BF16}
+    order = list(EXACT) + [n for n in layouts if n not in EXACT]
+    trees = {n: with_checkpoints(layouts[n][0], str(root / n), every=N // 2) for n in order}
     results = run_distributed(train_runs, 2, list(trees.values()), timeout=900)
     return {n: (Path(trees[n]["train"]["run_dir"]), results[0][i]) for i, n in enumerate(trees)}
 
@@ -45,7 +50,8 @@ def straight(tmp_path_factory):
 def resumed(straight, tmp_path_factory):
     """Fresh processes, same layout: load the N/2 checkpoint, N/2 more steps."""
     root = tmp_path_factory.mktemp("resumed")
-    trees = [with_checkpoints(LAYOUTS[n][0], str(root / n), train={"resume": str(ckpt(straight[n][0], N // 2))})
+    layouts = {**LAYOUTS, **BF16}
+    trees = [with_checkpoints(layouts[n][0], str(root / n), train={"resume": str(ckpt(straight[n][0], N // 2))})
              for n in EXACT]
     results = run_distributed(train_runs, 2, trees, timeout=900)
     return {n: [r[i] for r in results] for i, n in enumerate(EXACT)}
