@@ -22,9 +22,14 @@ NO_SLOW = HOPE_CMS[:2]
 TWO_RANKS = {
     "tp2-hope-clipped": (tiny_tree("hope", tp=2, clip=0.05, steps=4), 1),
     "tp2-transformer-clipped": (tiny_tree("transformer", tp=2, clip=0.05), 1),
+    # the other families: the same layers (SMT or attention mixers, CMS levels) in other configurations
+    "tp2-hope_attention": (tiny_tree("hope_attention", tp=2), 1),
+    "tp2-titans": (tiny_tree("titans", tp=2), 1),
+    "tp2-gated_deltanet": (tiny_tree("gated_deltanet", tp=2), 1),
     "pp2-hope-zero1-accum2": (tiny_tree("hope", pp=2, zero=1, accum=2, steps=4), 1),
     "pp2-transformer-clipped": (tiny_tree("transformer", pp=2, accum=2, clip=0.05), 1),
     "dp2-zero1-hope": (tiny_tree("hope", zero=1, steps=4), 2),
+    "dp2-zero1-transformer": (tiny_tree("transformer", zero=1), 2),
     "dp2-zero2-transformer-accum2": (tiny_tree("transformer", zero=2, accum=2), 2),
     "dp2-zero2-hope-activation-checkpointing": (tiny_tree("hope", zero=2, steps=4, act_ckpt=True), 2),
     "dp2-zero3-transformer": (tiny_tree("transformer", zero=3), 2),

@@ -43,7 +43,7 @@ def reference_run(tree, global_micro: int):
             b = next(data)
             loss = model.loss(b["input_ids"], b["labels"], b["doc_ids"])
             (loss / cfg.train.grad_accum).backward()
-            total += float(loss) / cfg.train.grad_accum
+            total += float(loss.detach()) / cfg.train.grad_accum
         opt.step(step, lr_at(step, cfg.optim, cfg.train.steps))
         opt.zero_grad()
         losses.append(total)
