@@ -77,6 +77,17 @@ def tree_for(family, tp, pp, zero, periods, micro, seq):
     return t
 
 
+def table(rows: list) -> str:
+    """Markdown: one line per (family, CMS levels, layout)."""
+    out = ["| family | CMS step levels | layout | ranks | step (s) | tokens/s | vs 1 process | collective MB/step |",
+           "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['family']} | {r['cms'] or '-'} | {r['layout']} | {r['ranks']} | {r['step_s']:.3f} | "
+                   f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s_over_1_process']:.2f}x | "
+                   f"{r['collective_bytes_per_step'] / 1e6:.2f} |")
+    return "\n".join(out)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=4)
@@ -108,6 +119,12 @@ def main() -> int:
                 rows.append(row)
                 print(f"{family:12s} {vname:16s} {lname:12s} step {row['step_s']:.3f} s  "
                       f"{row['tokens_per_s']:8.0f} tok/s  {total_bytes / 1e6:8.3f} MB/step", flush=True)
+    for row in rows:                              # the baseline: one process, same family and CMS levels
+        base = next(r for r in rows if r["family"] == row["family"] and r["cms"] == row["cms"]
+                    and r["layout"] == "1 process")
+        row["tokens_per_s_over_1_process"] = row["tokens_per_s"] / base["tokens_per_s"]
+    print()
+    print(table(rows))
     meta = {"micro_batch_per_rank": args.micro, "seq_len": args.seq, "steps": args.steps, "warmup": args.warmup,
             "cores": os.cpu_count(), "note": "CPU, gloo, 2 shared cores (timings vary with other load); bytes: the payload "
                                  "of each collective on a group of > 1 rank, summed over ranks, per timed step"}
