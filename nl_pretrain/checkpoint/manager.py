@@ -74,8 +74,12 @@ class Checkpointer:
     def save(self, step: int, tokens: int, data_state: dict) -> None:
         """Collective: every rank writes its part; the checkpoint appears complete or not at all."""
         c = self.c
-        records = collect_records(self.access, c["dp"], c["dp_size"])
-        files = {shard_file(c["tp"], c["pp"], c["dp"]): {"format": FORMAT, "records": records,
+        # fresh fp32 copies (gathered or cloned by the access), on the host: an async save writes
+        # them as they are instead of copying them a second time
+        records = {name: {k: t.cpu() for k, t in rec.items()}
+                   for name, rec in collect_records(self.access, c["dp"], c["dp_size"]).items()}
+        shard = shard_file(c["tp"], c["pp"], c["dp"])
+        files = {shard: {"format": FORMAT, "records": records,
                                                           "plan": {k: list(v) for k, v in self.plan.items()},
                                                           "tp_rank": c["tp"], "tp_size": c["tp_size"]},
                  local_file(c["rank"]): {"rng": capture_rng(), **self.access.local_state()}}
@@ -87,7 +91,7 @@ class Checkpointer:
                                   "layout": self.layout, "versions": versions()}
             meta = {"format": FORMAT, "step": step, "tokens": tokens, "layout": self.layout,
                     "world": c["world"], "versions": versions()}
-        self.store.save(step, files, meta)
+        self.store.save(step, files, meta, private=(shard,))
 
     def wait(self) -> None:
         self.store.wait()

@@ -33,7 +33,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -139,14 +139,17 @@ class CheckpointStore:
 
     # ----------------------------------------------------------------------------------- saving
 
-    def save(self, step: int, files: Mapping[str, Any], meta: Optional[dict] = None) -> None:
+    def save(self, step: int, files: Mapping[str, Any], meta: Optional[dict] = None,
+             private: Iterable[str] = ()) -> None:
         """Write this rank's ``files`` ({plain file name: object for torch.save}) as checkpoint ``step``.
 
         Collective: every rank calls it with the same step. ``meta`` (a dict of JSON values) is taken
         from rank 0 only. Synchronous: returns when the checkpoint is committed on every rank, or
         raises CheckpointError on every rank. Asynchronous: returns after the tensors are copied to
         host memory; errors are raised by the next save() or wait(). Saving a step that already
-        exists replaces it once the new copy is complete.
+        exists replaces it once the new copy is complete. ``private``: names of files whose tensors
+        are already CPU copies that nobody changes afterwards; an asynchronous save writes them
+        without copying them again.
         """
         previous = self._join()
         if not isinstance(step, bool) and hasattr(step, "__index__"):
@@ -179,7 +182,8 @@ class CheckpointStore:
             self._mark_failed(job, problem)
             raise CheckpointError(problem)
         try:
-            job.files = snapshot_to_host(files)
+            private = set(private)
+            job.files = {n: obj if n in private else snapshot_to_host(obj) for n, obj in files.items()}
         except Exception as e:
             message = (f"checkpoint step {step}: copying the tensors to host memory failed on rank "
                        f"{self.rank}: {e!r}")

@@ -166,6 +166,44 @@ def test_single_process_exact_resume_and_async_save(tmp_path):
             assert torch.equal(ra[n][k], rb[n][k]), f"{n}.{k}"
 
 
+def test_async_save_is_unaffected_by_training_after_it_returns(tmp_path):
+    """The async save writes the records without a second host copy: they must be private copies,
+    so changing every weight, moment and CMS accumulator in place right after save() returns must
+    not reach the file."""
+    from nl_pretrain.checkpoint.manager import Checkpointer
+    from nl_pretrain.checkpoint.state import LocalAccess
+    from nl_pretrain.model import LanguageModel
+    from nl_pretrain.optim import ModelOptimizer
+    cfg = _tiny_single(tmp_path, checkpoint={"async_save": True, "dir": str(tmp_path / "ck")})
+    model = LanguageModel(cfg.model)
+    opt = ModelOptimizer(model, cfg.optim, cfg.model.cms)
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 17))
+    model.loss(ids[:, :-1], ids[:, 1:]).backward()
+    opt.step(0, cfg.optim.lr)                               # moments exist; the slow level holds a sum
+    access = LocalAccess(model, opt)
+    before = {n: access.read(n, p) for n, p in access.named}
+    assert any("acc" in r and r["acc"].abs().sum() > 0 for r in before.values())
+    coords = {"rank": 0, "world": 1, "tp": 0, "tp_size": 1, "pp": 0, "dp": 0, "dp_size": 1}
+    ck = Checkpointer(cfg, access, coords, plan={})
+    ck.save(1, 0, {"samples_consumed": 2})
+    with torch.no_grad():                                   # training goes on at once, in place
+        for o in [opt.base] + [lv["opt"] for lv in opt.slow.values()]:
+            for st in o.state.values():
+                for k in ("exp_avg", "exp_avg_sq"):
+                    st[k].add_(1.0)
+        for lv in opt.slow.values():
+            for a in lv["acc"]:
+                a.add_(1.0)
+        for p in model.parameters():
+            p.add_(1.0)
+    ck.wait()
+    saved = torch.load(tmp_path / "ck" / "step-00000001" / "shard-tp000-pp000-dp00000.pt", weights_only=False)["records"]
+    assert saved.keys() == before.keys()
+    for n, rec in before.items():
+        for k, v in rec.items():
+            assert torch.equal(saved[n][k], v), f"{n}.{k} changed after save() returned"
+
+
 def test_single_process_skip_and_rollback(tmp_path, monkeypatch):
     monkeypatch.setenv("NL_PRETRAIN_FAULT_NAN_STEPS", "2")
     s = train(_tiny_single(tmp_path / "skip"))
