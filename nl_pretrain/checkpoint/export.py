@@ -64,6 +64,7 @@ def export_checkpoint(checkpoint: str, out: str) -> dict:
             "layout": json.dumps(common["layout"]), "format": "nl-pretrain-export/1"}
     tmp = out_dir / "model.safetensors.part"
     save_file(tensors, str(tmp), metadata=meta)
+    os.chmod(tmp, 0o666 & ~_umask())             # safetensors creates the file owner-only (0600)
     os.replace(tmp, out_dir / "model.safetensors")
     tmp = out_dir / "config.yaml.part"
     tmp.write_text(common["config"])
@@ -71,6 +72,12 @@ def export_checkpoint(checkpoint: str, out: str) -> dict:
     n = sum(t.numel() for t in tensors.values())
     return {"checkpoint": str(path), "step": common["step"], "parameters": n, "tensors": len(tensors),
             "out": str(out_dir)}
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load_exported(directory: str):

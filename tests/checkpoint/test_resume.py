@@ -108,6 +108,8 @@ def test_export_from_a_tensor_parallel_checkpoint(straight, tmp_path):
     from nl_pretrain.checkpoint.export import export_checkpoint, load_exported
     info = export_checkpoint(str(straight["tp2-hope"][0] / "checkpoints"), str(tmp_path / "exp"))
     assert info["step"] == N
+    mode = (tmp_path / "exp" / "model.safetensors").stat().st_mode & 0o777
+    assert mode == (tmp_path / "exp" / "config.yaml").stat().st_mode & 0o777, oct(mode)   # not owner-only
     model, cfg = load_exported(str(tmp_path / "exp"))
     tree, dp = LAYOUTS["tp2-hope"]
     _, ref = reference_run(tree, tree["train"]["micro_batch_size"] * dp)
