@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -46,6 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from common import load_average, machine, write_json  # noqa: E402
 from nl_pretrain.checkpoint.manager import Checkpointer  # noqa: E402
 from nl_pretrain.checkpoint.state import LocalAccess, collect_records  # noqa: E402
 from nl_pretrain.checkpoint.store import snapshot_to_host  # noqa: E402
@@ -150,7 +149,6 @@ def bench_model(name: str, work: Path, reps: int, seed: int) -> dict:
     row["stall_collect_records"] = stats(timed(lambda: collect_records(access), reps))
     records = collect_records(access)
     row["stall_snapshot_to_host"] = stats(timed(lambda: snapshot_to_host(records), reps))
-    del records
 
     by_verify = {v: checkpointer(tree, model, opt, sync_root, async_save=False, verify=v) for v in ("full", "size")}
     for verify, ck in by_verify.items():
@@ -237,18 +235,6 @@ def table(rows: list) -> str:
     return "\n".join(out)
 
 
-def machine(threads: int) -> dict:
-    info = dict(platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
-                cpu_count=os.cpu_count(), threads=threads)
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        info["cpu"] = names[0] if names else platform.processor()
-    except OSError:
-        info["cpu"] = platform.processor()
-    return info
-
-
 def filesystem(path: str) -> dict:
     """The mount holding ``path`` (device and type): fsync times depend on it."""
     best = {}
@@ -261,13 +247,6 @@ def filesystem(path: str) -> dict:
     except OSError:
         pass
     return best
-
-
-def load_average():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def main(argv=None) -> int:
@@ -315,10 +294,7 @@ def main(argv=None) -> int:
                   filesystem=filesystem(str(work)), tmp=args.tmp, reps=args.reps, batch=[BATCH, SEQ],
                   load_average_first=load_first, waited_s=waited, load_average_before=load_before,
                   load_average_after=load_after, wall_s=time.perf_counter() - t0, models=rows)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
     return 0
 
 

@@ -18,9 +18,7 @@ results. Prints a table and writes JSON (default bench/results/smt_cpu.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from common import load_average, machine, write_json  # noqa: E402
 from nl_pretrain.config import OptimConfig, build_config  # noqa: E402
 from nl_pretrain.model import LanguageModel  # noqa: E402
 from nl_pretrain.model.smt import SelfModifyingTitans  # noqa: E402
@@ -118,25 +117,6 @@ def train_rows(steps: int, warmup: int, vocab: int, seed: int) -> list:
     return rows
 
 
-def machine(threads: int) -> dict:
-    info = dict(platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
-                cpu_count=os.cpu_count(), threads=threads, interop_threads=torch.get_num_interop_threads())
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        info["cpu"] = names[0] if names else platform.processor()
-    except OSError:
-        info["cpu"] = platform.processor()
-    return info
-
-
-def load_average():
-    try:
-        return list(os.getloadavg())
-    except OSError:
-        return None
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: T=128, a couple of steps")
@@ -180,10 +160,7 @@ def main(argv=None) -> int:
                   wall_s=time.perf_counter() - t0, layer=layer,
                   layer_speedup={str(T): s for T, s in speedups.items()}, train=train,
                   train_ratio_hope_over_transformer=train_ratio)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
     return 0
 
 
