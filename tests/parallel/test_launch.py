@@ -40,6 +40,23 @@ def test_local_sh_trains_tiny_hope_on_two_cpu_ranks(tmp_path):
     assert (run_dir / "checkpoints" / "step-00000002" / "index.json").is_file()
 
 
+def test_deepspeed_launcher_runs_the_same_training_as_torchrun(tmp_path):
+    """LAUNCHER=deepspeed (DeepSpeed's runner, --no_local_rank) on 2 CPU ranks, DP2 ZeRO-1: the
+    same losses, bit for bit, as the torchrun path with the same config."""
+    losses = {}
+    for i, launcher in enumerate(("deepspeed", "torchrun")):
+        run_dir = tmp_path / launcher
+        env = _env(THREADS="1", LAUNCHER=launcher)
+        env["MASTER_PORT"] = str(int(env["MASTER_PORT"]) + 1 + i)
+        proc = subprocess.run(["bash", "launch/local.sh", "-n", "2", *TINY, "--parallel.zero_stage=1",
+                               f"--train.run_dir={run_dir}"], cwd=ROOT, capture_output=True, text=True,
+                              env=env, timeout=400)
+        assert proc.returncode == 0, launcher + proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "world 2 = tensor 1 x pipeline 1 x data 2" in proc.stdout, launcher
+        losses[launcher] = json.loads((run_dir / "summary.json").read_text())["losses"]
+    assert len(losses["deepspeed"]) == 2 and losses["deepspeed"] == losses["torchrun"]
+
+
 def test_ray_launcher_trains_tiny_hope_with_two_workers(tmp_path):
     run_dir = tmp_path / "run"
     short = tempfile.mkdtemp(prefix="nlr", dir="/tmp")          # AF_UNIX socket paths must stay < 108 bytes
