@@ -79,9 +79,8 @@ class Checkpointer:
         records = {name: {k: t.cpu() for k, t in rec.items()}
                    for name, rec in collect_records(self.access, c["dp"], c["dp_size"]).items()}
         shard = shard_file(c["tp"], c["pp"], c["dp"])
-        files = {shard: {"format": FORMAT, "records": records,
-                                                          "plan": {k: list(v) for k, v in self.plan.items()},
-                                                          "tp_rank": c["tp"], "tp_size": c["tp_size"]},
+        files = {shard: {"format": FORMAT, "records": records, "plan": {k: list(v) for k, v in self.plan.items()},
+                         "tp_rank": c["tp"], "tp_size": c["tp_size"]},
                  local_file(c["rank"]): {"rng": capture_rng(), **self.access.local_state()}}
         meta = None
         if c["rank"] == 0:
