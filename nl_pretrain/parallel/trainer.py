@@ -13,7 +13,6 @@ so DeepSpeed's DP-averaged gradients equal those of one process averaging over t
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -283,11 +282,38 @@ def rank_batches(cfg: RunConfig, layout: Layout, dp_rank: int) -> Iterator[dict]
 
 def train_distributed(cfg: RunConfig) -> dict:
     """``nl-pretrain train`` under torchrun / the DeepSpeed launcher / Ray / srun."""
-    from nl_pretrain.checkpoint.manager import Checkpointer, check_checkpoint_config
+    from nl_pretrain.checkpoint.manager import check_checkpoint_config
     check_checkpoint_config(cfg)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     trainer = DistributedTrainer(cfg)
+    lock = _lock_run_dir(cfg, dist.get_rank())
+    try:
+        return _train_distributed(cfg, trainer)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_run_dir(cfg: RunConfig, rank: int):
+    """Rank 0 holds the run directory for the run; if another run has it, every rank raises."""
+    from nl_pretrain.train.rundir import RunDirBusy, RunDirLock, run_dirs
+    lock, error = None, None
+    if rank == 0:
+        try:
+            lock = RunDirLock(run_dirs(cfg))
+        except (RunDirBusy, OSError) as e:
+            error = str(e)
+    said = [error]
+    dist.broadcast_object_list(said, src=0)
+    if said[0] is not None:
+        raise RunDirBusy(said[0] if rank == 0 else f"{said[0]} (reported by rank 0)")
+    return lock
+
+
+def _train_distributed(cfg: RunConfig, trainer: "DistributedTrainer") -> dict:
+    from nl_pretrain.checkpoint.manager import Checkpointer
+    from nl_pretrain.train.rundir import write_text_atomic
     layout, rank = trainer.layout, dist.get_rank()
     run_dir = Path(cfg.train.run_dir)
     ckpt = Checkpointer(cfg, trainer.access(), trainer.coords(), trainer.plan, trainer.layout_dict())
@@ -308,7 +334,7 @@ def train_distributed(cfg: RunConfig) -> dict:
     log = None
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
         log = MetricsLog(run_dir)
         print(f"distributed: {layout.describe()}", flush=True)
     start = window = time.perf_counter()
@@ -361,5 +387,5 @@ def train_distributed(cfg: RunConfig) -> dict:
     ckpt.wait()
     if rank == 0:
         log.close()
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary

@@ -77,11 +77,20 @@ class MetricsLog:
 
 
 def train(cfg: RunConfig) -> dict:
-    from nl_pretrain.checkpoint.manager import Checkpointer, check_checkpoint_config
+    """One process: train ``cfg``, holding its run directory (and checkpoint dir) for the whole run."""
+    from nl_pretrain.checkpoint.manager import check_checkpoint_config
+    from nl_pretrain.train.rundir import RunDirLock, run_dirs
+    check_checkpoint_config(cfg)
+    with RunDirLock(run_dirs(cfg)):
+        return _train(cfg)
+
+
+def _train(cfg: RunConfig) -> dict:
+    from nl_pretrain.checkpoint.manager import Checkpointer
     from nl_pretrain.checkpoint.state import LocalAccess
     from nl_pretrain.train.faults import fault_steps, handle_nan
+    from nl_pretrain.train.rundir import write_text_atomic
     t_cfg = cfg.train
-    check_checkpoint_config(cfg)
     if t_cfg.threads:
         torch.set_num_threads(t_cfg.threads)
     seed_everything(t_cfg.seed)
@@ -107,7 +116,7 @@ def train(cfg: RunConfig) -> dict:
                          f"({data.vocab_size}); set --model.vocab_size={data.vocab_size}")
     run_dir = Path(t_cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
 
     tokens_per_step = t_cfg.micro_batch_size * t_cfg.grad_accum * cfg.data.seq_len
     fpt = flops_per_token(cfg.model, n_params, cfg.data.seq_len)
@@ -198,5 +207,5 @@ def train(cfg: RunConfig) -> dict:
         summary["checkpoint"] = str(ckpt.store.latest())
     ckpt.wait()
     log.close()
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary

@@ -65,3 +65,15 @@ def failure_runs(skip_trees, rollback_tree, nan_step: int):
     probes = skip_probe(skip_trees, nan_step)
     os.environ["NL_PRETRAIN_FAULT_NAN_STEPS"] = str(nan_step)
     return {"skip": probes, "rollback": train_runs([rollback_tree])[0]}
+
+
+def busy_run(tree):
+    """``train_distributed`` on a run directory that another process holds: the error on this rank."""
+    from nl_pretrain.parallel.trainer import train_distributed
+    from nl_pretrain.train.rundir import RunDirBusy
+    os.environ["NL_PRETRAIN_LOCK_WAIT_S"] = "1"
+    try:
+        train_distributed(build_config(tree))
+    except RunDirBusy as e:
+        return str(e)
+    return None

@@ -247,6 +247,17 @@ def test_resume_refuses_another_model(tmp_path):
         train(cfg)
 
 
+def test_distributed_run_refuses_a_run_dir_in_use_on_every_rank(tmp_path):
+    from nl_pretrain.train.rundir import RunDirLock
+    from resume_workers import busy_run
+    tree = with_checkpoints(tiny_tree("hope", zero=1, steps=2), str(tmp_path / "run"))
+    with RunDirLock([tmp_path / "run"]):
+        said = run_distributed(busy_run, 2, tree, timeout=300)
+    assert said[0] and f"{tmp_path / 'run'} is in use by another training run (pid " in said[0]
+    assert said[1] == said[0] + " (reported by rank 0)"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]      # nothing written
+
+
 def test_rollback_without_checkpoints_is_refused_before_work(tmp_path):
     from nl_pretrain.config import ConfigError
     with pytest.raises(ConfigError, match="--checkpoint.every"):
