@@ -26,17 +26,8 @@ class RunDirBusy(RuntimeError):
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary name and a rename: readers see the old file or
     the new one, never a part."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    from data_pipeline.shards import atomic_write
+    atomic_write(Path(path), text.encode())
 
 
 class RunDirLock:
