@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from pathlib import Path
 
 import torch
 
@@ -31,10 +32,8 @@ def load_average():
 
 def write_json(path: str, result: dict) -> None:
     """Write ``result`` to ``path`` (a temporary name, then rename) and say so."""
+    from data_pipeline.shards import atomic_write
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.part"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write(Path(path), json.dumps(result, indent=1).encode())
     print(f"wrote {path}")
