@@ -34,7 +34,7 @@ if ROOT not in sys.path:
 
 from kernels.memory import MemorySpec  # noqa: E402
 from kernels.memory.dispatch import interpreter_on, memory_sequence  # noqa: E402
-from kernels.memory.interface import available_impls  # noqa: E402
+from kernels.memory import available_impls  # noqa: E402
 from kernels.testing import memory_inputs, run_sequence  # noqa: E402
 
 PRESETS = {  # d_model, heads (d_h = d_model / heads), batch so that batch x 4096 ~ 16K tokens

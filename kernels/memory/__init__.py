@@ -1,12 +1,19 @@
-"""Fast-weight memory updates: one functional interface, several implementations.
+"""Fast-weight memory updates: one spec, one dispatcher, several implementations.
 
-- ``naive``: token by token, readable, the semantic contract (DESIGN.md §4.2).
-- ``chunk_torch``: chunk-parallel matmul form in PyTorch (default on CPU).
-- Triton kernels plug in behind :func:`kernels.memory.interface.memory_chunk`.
+Layout (one operator, as flash-linear-attention lays one out):
+
+- ``spec``: :class:`MemorySpec`, reads, and the composition shared by every implementation (leaf).
+- ``naive``: token by token, readable, the semantic contract (docs/MODEL.md).
+- ``chunk_torch`` / ``sequence_torch``: chunk-parallel PyTorch forms (the CPU default).
+- ``triton_affine`` / ``triton_impl``: per-chunk Triton kernels; ``triton_sequence``,
+  ``triton_mlp_sequence``, ``triton_projection``: whole-sequence kernels (the chunk loop inside).
+- ``dispatch``: resolves ``memory_impl`` and routes every call.
 """
-from kernels.memory.interface import (  # noqa: F401
-    MemorySpec,
-    memory_chunk,
-    memory_read,
+from kernels.memory.dispatch import (  # noqa: F401
     available_impls,
+    memory_chunk,
+    memory_sequence,
+    projection_sequence,
+    resolve_impl,
 )
+from kernels.memory.spec import MemorySpec, memory_read  # noqa: F401

@@ -23,10 +23,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from kernels.memory.interface import MemorySpec, memory_read
-from kernels.memory.naive import silu_grad
+from kernels.memory.spec import MemorySpec, compose_chunk
 
 
 def _decay_matrices(log_alpha: torch.Tensor, beta: Optional[torch.Tensor]):
@@ -113,33 +111,4 @@ def affine_rank1_chunk(W0, S0, K, Q, c, rho, w, log_alpha, beta):
 
 def memory_chunk(spec: MemorySpec, state, mom, k, vhat, eta, alpha, beta, q=None):
     """Chunk-parallel equivalent of :func:`kernels.memory.naive.memory_chunk`."""
-    log_alpha = alpha.log()
-    dgd_c = eta if spec.rule == "dgd" else None
-    b = beta if spec.momentum else None
-    if spec.kind == "linear":
-        (W0,) = state
-        S0 = mom[0] if mom is not None else None
-        if spec.loss == "dot":                     # grad = -vhat k^T, state free
-            w, rho = eta[..., None] * vhat, None
-        elif spec.grad_at == "running":            # grad at M_{t-1}: -(y_i - vhat_i) k_i^T
-            w, rho = eta[..., None] * vhat, -eta
-        else:                                      # grad at M_ref = W0
-            w, rho = -eta[..., None] * (k @ W0.transpose(1, 2) - vhat), None
-        reads, W, S = affine_rank1_chunk(W0, S0, k, q, dgd_c, rho, w, log_alpha, b)
-        return reads, (W,), ((S,) if S is not None else None)
-
-    W1, W2 = state
-    S1, S2 = mom if mom is not None else (None, None)
-    a = k @ W2.transpose(1, 2)                     # all gradients at M_ref (chunk start)
-    h = F.silu(a)
-    r = memory_read(spec, state, k) - vhat if spec.loss == "l2" else -vhat
-    g2 = (r @ W1) * silu_grad(a)                   # dl/d(W2 k), so grad W2 = g2 k^T
-    # W2 reads k: the dgd preconditioner acts here; W1 is written with key h.
-    hq_pre, W2n, S2n = affine_rank1_chunk(W2, S2, k, q, dgd_c, None, -eta[..., None] * g2, log_alpha, b)
-    reads = None
-    q1 = F.silu(hq_pre) if q is not None else None
-    reads1, W1n, S1n = affine_rank1_chunk(W1, S1, h, q1, None, None, -eta[..., None] * r, log_alpha, b)
-    if q is not None:
-        reads = reads1 + q if (spec.residual and W1.shape[1] == W2.shape[2]) else reads1
-    new_mom = (S1n, S2n) if spec.momentum else None
-    return reads, (W1n, W2n), new_mom
+    return compose_chunk(spec, affine_rank1_chunk, state, mom, k, vhat, eta, alpha, beta, q)

@@ -9,12 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.memory.interface import MemorySpec, memory_read
+from kernels.memory.spec import MemorySpec, memory_read, silu_grad  # noqa: F401
 
-
-def silu_grad(a: torch.Tensor) -> torch.Tensor:
-    s = torch.sigmoid(a)
-    return s * (1 + a * (1 - s))
 
 
 def inner_grad(spec: MemorySpec, state, k, vhat):
@@ -56,7 +52,7 @@ def write(spec: MemorySpec, state, mom, step, k, eta, alpha, beta):
 
 
 def memory_chunk(spec: MemorySpec, state, mom, k, vhat, eta, alpha, beta, q=None):
-    """Same contract as :func:`kernels.memory.interface.memory_chunk`, one token at a time."""
+    """Same contract as :func:`kernels.memory.dispatch.memory_chunk`, one token at a time."""
     ref = state
     reads = []
     for t in range(k.shape[1]):

@@ -1,13 +1,14 @@
-"""Triton implementation of :func:`kernels.memory.interface.memory_chunk`.
+"""Per-chunk Triton implementation of :func:`kernels.memory.dispatch.memory_chunk`.
 
-Composes the ``affine_rank1_chunk`` kernels (:mod:`kernels.memory.triton_affine`) exactly like
-:func:`kernels.memory.chunk_torch.memory_chunk` composes its PyTorch form: a linear memory is one
-call; an MLP memory is W2 (the weight that reads k, where the dgd preconditioner acts) and then W1
-(written with key ``silu(W2_ref k)``, read with ``silu`` of the W2 reads). The per-chunk gradient
-preparation (``-eta (W0 k - vhat)``, the MLP chunk-start gradients) stays in PyTorch matmuls.
+The ``affine_rank1_chunk`` kernels (:mod:`kernels.memory.triton_affine`), composed into a memory by
+:func:`kernels.memory.spec.compose_chunk`, the same composition the PyTorch form uses: a linear
+memory is one call; an MLP memory is W2 (the weight that reads k, where the dgd preconditioner
+acts) and then W1. The gradient preparation around the kernels stays in PyTorch matmuls. The model
+uses the whole-sequence kernels; this per-chunk form serves recurrent decoding, the fallbacks and
+the tests of the chunk bodies.
 
-Precision: states, momenta, decay and every accumulation are fp32; k/q may be bf16 (loaded and
-upcast inside the kernel, dots in tf32 on GPU, IEEE fp32 for fp32 inputs). Reads, new states and
+Precision: states, momenta, decay and every accumulation are fp32; inputs are upcast to fp32
+before the prep; dots are IEEE fp32 unless torch allows TF32 matmuls. Reads, new states and
 momenta come back fp32, as from the PyTorch path with bf16 inputs.
 
 Autograd: :class:`AffineRank1Chunk` saves only its inputs (the chunk-start state and the chunk's
@@ -23,11 +24,9 @@ import contextlib
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 
-from kernels.memory.interface import MemorySpec, memory_read
-from kernels.memory.naive import silu_grad
+from kernels.memory.spec import MemorySpec, compose_chunk
 from kernels.memory.triton_affine import affine_bwd_kernel, affine_fwd_kernel
 
 MAX_CHUNK = 64
@@ -187,37 +186,7 @@ def memory_chunk(spec: MemorySpec, state, mom, k, vhat, eta, alpha, beta, q=None
 
 
 def _memory_chunk(spec: MemorySpec, state, mom, k, vhat, eta, alpha, beta, q=None):
+    f = lambda x: x.float() if x is not None else None  # noqa: E731  the PyTorch prep runs in fp32
     state = tuple(s.float() for s in state)
     mom = tuple(s.float() for s in mom) if mom is not None else None
-    eta, log_alpha = eta.float(), alpha.float().log()
-    dgd_c = eta if spec.rule == "dgd" else None
-    b = beta.float() if spec.momentum else None
-    if spec.kind == "linear":
-        (W0,) = state
-        S0 = mom[0] if mom is not None else None
-        vh = vhat.float()
-        if spec.loss == "dot":                     # grad = -vhat k^T, state free
-            w, rho = eta[..., None] * vh, None
-        elif spec.grad_at == "running":            # grad at M_{t-1}: -(y_i - vhat_i) k_i^T
-            w, rho = eta[..., None] * vh, -eta
-        else:                                      # grad at M_ref = W0
-            w, rho = -eta[..., None] * (k.float() @ W0.transpose(1, 2) - vh), None
-        reads, W, S = affine_rank1_chunk(W0, S0, k, q, dgd_c, rho, w, log_alpha, b)
-        return reads, (W,), ((S,) if S is not None else None)
-
-    W1, W2 = state
-    S1, S2 = mom if mom is not None else (None, None)
-    kf = k.float()
-    a = kf @ W2.transpose(1, 2)                    # all gradients at M_ref (chunk start)
-    h = F.silu(a)
-    r = memory_read(spec, state, kf) - vhat.float() if spec.loss == "l2" else -vhat.float()
-    g2 = (r @ W1) * silu_grad(a)                   # dl/d(W2 k), so grad W2 = g2 k^T
-    hq_pre, W2n, S2n = affine_rank1_chunk(W2, S2, k, q, dgd_c, None, -eta[..., None] * g2, log_alpha, b)
-    q1 = F.silu(hq_pre) if q is not None else None
-    reads1, W1n, S1n = affine_rank1_chunk(W1, S1, h, q1, None, None, -eta[..., None] * r, log_alpha, b)
-    reads = None
-    if q is not None:
-        residual = spec.residual and W1.shape[1] == W2.shape[2]
-        reads = reads1 + q.float() if residual else reads1
-    new_mom = (S1n, S2n) if spec.momentum else None
-    return reads, (W1n, W2n), new_mom
+    return compose_chunk(spec, affine_rank1_chunk, state, mom, f(k), f(vhat), f(eta), f(alpha), f(beta), f(q))

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.memory.interface import MemorySpec
+from kernels.memory.spec import MemorySpec
 from kernels.memory.triton_affine import bwd_chunk, fwd_chunk
 from kernels.memory.triton_impl import _blocks, _dot_precision, _lastdim_contig, _on_device
 
@@ -173,7 +173,7 @@ def sequence_supported(spec: MemorySpec) -> bool:
 
 
 def linear_memory_sequence(spec: MemorySpec, state, mom, k, vhat, eta, alpha, beta, q, chunk: int):
-    """The whole sequence of :func:`kernels.memory.interface.memory_chunk` calls in chunks of
+    """The whole sequence of :func:`kernels.memory.dispatch.memory_chunk` calls in chunks of
     ``chunk`` tokens (last one possibly short), in one launch: ``k, q: (N, T, d)``, ``vhat: (N, T, o)``,
     ``eta, alpha: (N, T)``. Returns ``(reads (N, T, o), (W_T,), (S_T,) or None)``, all fp32."""
     if not sequence_supported(spec):

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from kernels.memory import MemorySpec, memory_chunk
+from kernels.memory import MemorySpec, memory_sequence
 from nl_pretrain.model.layers import SwiGLU, l2norm
-from nl_pretrain.model.memories import MemoryInit, from_rows, to_rows
-from nl_pretrain.model.smt import ALPHA_BIAS_INIT, BETA_LOGIT, ETA_BIAS_INIT, resolve_memory_impl
+from nl_pretrain.model.memories import MemoryInit, ResolvedImpl, from_rows, to_rows
+from nl_pretrain.model.smt import ALPHA_BIAS_INIT, BETA_LOGIT, ETA_BIAS_INIT
 
 
 class StepLevel(nn.Module):
@@ -44,10 +44,11 @@ class ContextLevel(nn.Module):
         self.beta_logit = nn.Parameter(torch.full((H,), BETA_LOGIT))
         self.w_o = nn.Linear(d, d, bias=False)
         self.local_heads = nn.Identity()   # the heads of z this module owns (tensor parallel: a slice)
+        self.impl = ResolvedImpl(cfg.memory_impl)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         B, T, _ = z.shape
-        impl = resolve_memory_impl(self.cfg.memory_impl, z.device)
+        impl = self.impl(z.device)
         keys = l2norm(to_rows(self.local_heads(z), self.H))              # unit keys keep the dgd write stable
         targets = to_rows(self.w_target(z), self.H)
         eta = self.cfg.eta_max * self.cfg.mlp_eta_scale * torch.sigmoid(to_rows(self.w_eta(z), self.H)[..., 0])
@@ -57,13 +58,9 @@ class ContextLevel(nn.Module):
         beta = torch.sigmoid(self.beta_logit).repeat(B) if self.cfg.momentum else None
         state = self.init.expand(B)
         mom = tuple(torch.zeros_like(w) for w in state) if self.cfg.momentum else None
-        outs = []
-        for s in range(0, T, self.period):
-            e = min(s + self.period, T)
-            o, state, mom = memory_chunk(self.spec, state, mom, keys[:, s:e], targets[:, s:e],
-                                         eta[:, s:e], alpha[:, s:e], beta, keys[:, s:e], impl=impl)
-            outs.append(o)
-        return self.w_o(from_rows(torch.cat(outs, 1), B))
+        reads, _, _ = memory_sequence(self.spec, state, mom, keys, targets, eta, alpha, beta, keys, self.period,
+                                      impl=impl)
+        return self.w_o(from_rows(reads, B))
 
 
 def build_level(cfg, level) -> nn.Module:

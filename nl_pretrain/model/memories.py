@@ -40,6 +40,21 @@ class MemoryInit(nn.Module):
         return tuple(torch.zeros_like(s) for s in self.expand(batch))
 
 
+class ResolvedImpl:
+    """``memory_impl`` of one layer, resolved once per device type (not on every forward)."""
+
+    def __init__(self, requested: str):
+        self.requested = requested
+        self._by_device = {}
+
+    def __call__(self, device: torch.device) -> str:
+        key = torch.device(device).type
+        if key not in self._by_device:
+            from kernels.memory.dispatch import resolve_impl
+            self._by_device[key] = resolve_impl(self.requested, device)
+        return self._by_device[key]
+
+
 def make_spec(kind: str, rule: str, loss: str, linear_grad: str, momentum: bool) -> MemorySpec:
     return MemorySpec(kind=kind, rule=rule, loss=loss,
                       grad_at=linear_grad if kind == "linear" else "chunk_start",

@@ -17,23 +17,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.memory import memory_chunk, memory_read
+from kernels.memory import memory_chunk, memory_read, memory_sequence, projection_sequence
 from nl_pretrain.model.layers import CausalConv, l2norm
-from nl_pretrain.model.memories import MemoryInit, from_rows, make_spec, to_rows
+from nl_pretrain.model.memories import MemoryInit, ResolvedImpl, from_rows, make_spec, to_rows
 
 PROJ_MEMORIES = ("k", "v", "eta", "alpha")
 ETA_BIAS_INIT, ALPHA_BIAS_INIT, BETA_INIT = -2.0, 4.0, 0.9
 BETA_LOGIT = math.log(BETA_INIT / (1 - BETA_INIT))
-
-
-def resolve_memory_impl(requested: str, device: torch.device) -> str:
-    try:
-        from kernels.memory.dispatch import resolve_impl
-    except ImportError:  # kernels issue not landed: torch everywhere
-        if requested == "triton":
-            raise ValueError("memory_impl 'triton' is not available in this build; use 'auto' or 'torch'")
-        return "torch" if requested == "auto" else requested
-    return resolve_impl(requested, device)
 
 
 class SelfModifyingTitans(nn.Module):
@@ -75,6 +65,7 @@ class SelfModifyingTitans(nn.Module):
         self.out_norm = nn.Parameter(torch.ones(H, dh))
         self.w_g = nn.Linear(d, H * dh, bias=False)
         self.w_o = nn.Linear(H * dh, d, bias=False)
+        self.impl = ResolvedImpl(cfg.memory_impl)   # memory_impl, resolved once per device
 
     # -- pieces shared with the sequential reference -------------------------------------------
     def queries(self, x):
@@ -145,31 +136,45 @@ class SelfModifyingTitans(nn.Module):
         o = o * self.out_norm.repeat(B, 1)[:, None, :]
         return self.w_o(from_rows(o, B) * torch.sigmoid(self.w_g(x)))
 
+    def proj_eta_scale(self, chunk):
+        """``chunk_eta`` of the projection memories as one factor (they are linear)."""
+        grad_at = self.proj_spec.grad_at
+        return 1.0 / chunk if (self.cfg.eta_chunk_mean and grad_at == "chunk_start") else 1.0
+
     # -- chunk-parallel forward -----------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        impl = resolve_memory_impl(self.cfg.memory_impl, x.device)
+        B = x.shape[0]
+        impl = self.impl(x.device)
         states, moms = self.initial(B)
         betas = self.betas(B)
         q = self.queries(x)
-        if self.adaptive:
-            k, v, eta, alpha = self._projection_pass(self.inputs(x), states, moms, betas, B, impl)
-        else:
+        if not self.adaptive:
             k, v, eta, alpha = self.inputs(x)
+        elif self.proj_spec.kind == "linear":
+            k, v, eta, alpha = self._stacked_projection_pass(self.inputs(x), states, moms, betas, B, impl)
+        else:
+            k, v, eta, alpha = self._projection_pass(self.inputs(x), states, moms, betas, B, impl)
         spec, C = self.main_spec, self.cfg.chunk_mem
-        state, mom, outs = states["mem"], moms["mem"], []
         beta = betas[-1] if self.cfg.momentum else None
-        for s in range(0, T, C):
-            e = min(s + C, T)
-            vhat = self.target(spec, state, v[:, s:e])
-            eta_c = self.chunk_eta(spec, eta[:, s:e], C)
-            o, state, mom = memory_chunk(spec, state, mom, k[:, s:e], vhat, eta_c, alpha[:, s:e],
-                                         beta, q[:, s:e], impl=impl)
-            outs.append(o)
-        return self.output(torch.cat(outs, 1), x)
+        o, _, _ = memory_sequence(spec, states["mem"], moms["mem"], k, v, self.chunk_eta(spec, eta, C), alpha,
+                                  beta, q, C, self_targets=self.cfg.self_targets, impl=impl)
+        return self.output(o, x)
+
+    def _stacked_projection_pass(self, u, states, moms, betas, batch, impl):
+        """The four linear projection memories as one stacked memory ``[P_k; P_v; P_eta; P_alpha]``
+        over the whole sequence (they share keys, learning rates and retention; see
+        :func:`kernels.memory.sequence_torch.projection_sequence`): one call, no chunk loop here."""
+        P = torch.cat([states[m][0] for m in PROJ_MEMORIES], 1)
+        S = torch.cat([moms[m][0] for m in PROJ_MEMORIES], 1) if self.cfg.momentum else None
+        beta = betas[:len(PROJ_MEMORIES)].t() if self.cfg.momentum else None
+        C = self.cfg.chunk_proj
+        (k, v, eta, alpha), _, _ = projection_sequence(
+            self.proj_spec, P, S, u, beta, self._row_bias(self.eta_bias, batch)[:, 0],
+            self._row_bias(self.alpha_bias, batch)[:, 0], self.cfg.eta_max, C, self.proj_eta_scale(C), impl=impl)
+        return k, v, eta, alpha
 
     def _projection_pass(self, u, states, moms, betas, batch, impl):
-        """Run the four projection memories over the sequence in chunks of ``chunk_proj``."""
+        """MLP projection memories: one memory at a time, in chunks of ``chunk_proj``."""
         T, C, spec = u.shape[1], self.cfg.chunk_proj, self.proj_spec
         pieces = []
         for s in range(0, T, C):

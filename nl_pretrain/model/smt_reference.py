@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.memory.interface import memory_read
+from kernels.memory import memory_read
 from kernels.memory.naive import inner_grad, write
 from nl_pretrain.model.layers import l2norm
 from nl_pretrain.model.smt import PROJ_MEMORIES

@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from kernels.memory.interface import MemorySpec, memory_chunk
+from kernels.memory import MemorySpec, memory_chunk
 from kernels.memory.naive import inner_grad
 
 DT = torch.float64
@@ -61,7 +61,7 @@ def test_hand_written_inner_gradient_matches_autograd(kind, loss):
     state, _, k, vhat, *_ = make_inputs(spec, dout=5)
     state = tuple(s.clone().requires_grad_() for s in state)
     k1, v1 = k[:, 0], vhat[:, 0]
-    from kernels.memory.interface import memory_read
+    from kernels.memory import memory_read
     pred = memory_read(spec, state, k1[:, None])[:, 0]
     inner = 0.5 * (pred - v1).pow(2).sum() if loss == "l2" else -(pred * v1).sum()
     auto = torch.autograd.grad(inner, state)

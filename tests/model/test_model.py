@@ -96,7 +96,7 @@ def test_loss_ignores_masked_labels():
 
 
 def test_bf16_autocast_keeps_memory_state_in_fp32():
-    from kernels.memory.interface import MemorySpec, memory_chunk
+    from kernels.memory import MemorySpec, memory_chunk
     spec = MemorySpec(kind="mlp", momentum=True)
     N, c, d = 2, 5, 8
     state = (torch.randn(N, d, 16), torch.randn(N, 16, d))

@@ -1,0 +1,110 @@
+"""Whole-sequence operators in PyTorch: the chunk loop of paper §8.2 around ``chunk_torch``.
+
+These are the contracts of the whole-sequence Triton kernels (which run the same loop inside one
+launch) and the CPU path of the model. Each takes per-token tensors of a whole sequence
+(rows N = sequences x heads) and returns per-token outputs plus the final states.
+
+- :func:`memory_sequence`: one memory (linear or MLP) over a sequence, read with ``q`` before each
+  write; targets plain (``vhat``) or self-generated from the chunk-start state
+  (``self_targets=True``: ``vhat`` holds ``v`` and the target is ``M_ref(l2norm(v))``, Eq. 84-85).
+- :func:`projection_sequence`: the self-modifying projection pass of HOPE: the four linear
+  projection memories k, v, eta, alpha stacked into one matrix ``P = [P_k; P_v; P_eta; P_alpha]``
+  of ``2 d_h + 2`` output rows that share their keys, learning rates and retention gates, with a
+  momentum coefficient per memory (per block of output rows).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from kernels.memory.chunk_torch import affine_rank1_chunk, memory_chunk
+from kernels.memory.spec import MemorySpec, memory_read
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+def memory_sequence(spec: MemorySpec, state, mom, k, vhat, eta, alpha, beta, q, chunk: int,
+                    self_targets: bool = False):
+    """``(reads (N,T,d_out) or None, final state, final momentum)`` of one memory over T tokens.
+
+    ``k, q: (N, T, d_in)``; ``vhat: (N, T, d_out)`` (or ``v`` with ``self_targets``); ``eta, alpha:
+    (N, T)``; ``beta: (N,)`` or None. Chunks of ``chunk`` tokens, the last one possibly short."""
+    outs, T = [], k.shape[1]
+    for s in range(0, T, chunk):
+        sl = slice(s, min(s + chunk, T))
+        target = memory_read(spec, state, l2norm(vhat[:, sl])) if self_targets else vhat[:, sl]
+        o, state, mom = memory_chunk(spec, state, mom, k[:, sl], target, eta[:, sl], alpha[:, sl], beta,
+                                     q[:, sl] if q is not None else None)
+        outs.append(o)
+    return (torch.cat(outs, 1) if q is not None else None), state, mom
+
+
+def projection_groups(d_h: int):
+    """Output-row slices of the stacked projection memory: k, v, eta, alpha."""
+    return (slice(0, d_h), slice(d_h, 2 * d_h), slice(2 * d_h, 2 * d_h + 1), slice(2 * d_h + 1, 2 * d_h + 2))
+
+
+def projection_reads(P: torch.Tensor, u: torch.Tensor, eta_bias, alpha_bias, eta_max: float):
+    """``k, v, eta, alpha`` of the tokens ``u`` read at the (chunk-start) state ``P``.
+
+    ``k = l2norm(P_k u)``, ``v = P_v u``, ``eta = eta_max sigmoid(P_eta u + b_eta)``,
+    ``alpha = sigmoid(P_alpha u + b_alpha)``; biases are per row ``(N,)``."""
+    dh = u.shape[-1]
+    R = u @ P.transpose(1, 2)
+    k = l2norm(R[..., :dh])
+    v = R[..., dh:2 * dh]
+    eta = eta_max * torch.sigmoid(R[..., 2 * dh] + eta_bias[:, None])
+    alpha = torch.sigmoid(R[..., 2 * dh + 1] + alpha_bias[:, None])
+    return k, v, eta, alpha
+
+
+def projection_sequence(spec: MemorySpec, P, S, u, beta, eta_bias, alpha_bias, eta_max: float, chunk: int,
+                        update_eta_scale: float = 1.0):
+    """The projection pass over T tokens: ``((k, v, eta, alpha), P_T, S_T)``.
+
+    ``P, S: (N, 2 d_h + 2, d_h)`` (``S`` None without momentum); ``u: (N, T, d_h)``;
+    ``beta: (N, 4)`` (k, v, eta, alpha) or None; ``eta_bias, alpha_bias: (N,)``. Per chunk, with
+    ``P_ref`` the chunk-start state: ``k, v, eta, alpha = projection_reads(P_ref, u)``, targets
+    ``vhat = P_ref l2norm(v)`` (all four memories at once, Eq. 84-85), then each memory's write
+    (``spec``: a linear memory, any rule/loss/gradient point) with keys ``k``, learning rate
+    ``eta * update_eta_scale`` and retention ``alpha``. Rows of a linear memory evolve independently
+    given the keys, so the stacked write equals the four separate writes; only the momentum
+    coefficient differs per memory."""
+    if spec.kind != "linear":
+        raise ValueError("projection_sequence stacks linear projection memories; "
+                         f"got kind={spec.kind} (use the per-memory chunk loop)")
+    dh, T = u.shape[-1], u.shape[1]
+    groups = projection_groups(dh)
+    pieces = []
+    for s in range(0, T, chunk):
+        uc = u[:, s:min(s + chunk, T)]
+        k, v, eta, alpha = projection_reads(P, uc, eta_bias, alpha_bias, eta_max)
+        vhat = l2norm(v) @ P.transpose(1, 2)
+        P, S = _stacked_write(spec, P, S, k, vhat, eta * update_eta_scale, alpha, beta, groups)
+        pieces.append((k, v, eta, alpha))
+    return tuple(torch.cat(p, 1) for p in zip(*pieces)), P, S
+
+
+def _stacked_write(spec, P, S, k, vhat, eta, alpha, beta, groups):
+    """One chunk's write of the stacked linear memory (chunk_torch's linear branch, grouped)."""
+    log_alpha = alpha.log()
+    dgd_c = eta if spec.rule == "dgd" else None
+    if spec.loss == "dot":
+        w, rho = eta[..., None] * vhat, None
+    elif spec.grad_at == "running":
+        w, rho = eta[..., None] * vhat, -eta
+    else:
+        w, rho = -eta[..., None] * (k @ P.transpose(1, 2) - vhat), None
+    if beta is None:                                   # one decay for every row: one call
+        _, Pn, _ = affine_rank1_chunk(P, None, k, None, dgd_c, rho, w, log_alpha, None)
+        return Pn, None
+    Ps, Ss = [], []
+    for g, sl in enumerate(groups):                    # momentum coefficient per memory
+        _, Pg, Sg = affine_rank1_chunk(P[:, sl], S[:, sl], k, None, dgd_c, rho, w[..., sl], log_alpha,
+                                       beta[:, g])
+        Ps.append(Pg)
+        Ss.append(Sg)
+    return torch.cat(Ps, 1), torch.cat(Ss, 1)
