@@ -18,8 +18,8 @@ from typing import Optional
 
 import torch
 
-from kernels.memory.chunk_torch import affine_rank1_chunk, memory_chunk
-from kernels.memory.spec import MemorySpec, memory_read
+from kernels.memory.chunk_torch import affine_apply, chunk_at, chunk_coefficients
+from kernels.memory.spec import MemorySpec, compose_chunk, linear_write, memory_read
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -31,13 +31,40 @@ def memory_sequence(spec: MemorySpec, state, mom, k, vhat, eta, alpha, beta, q, 
     """``(reads (N,T,d_out) or None, final state, final momentum)`` of one memory over T tokens.
 
     ``k, q: (N, T, d_in)``; ``vhat: (N, T, d_out)`` (or ``v`` with ``self_targets``); ``eta, alpha:
-    (N, T)``; ``beta: (N,)`` or None. Chunks of ``chunk`` tokens, the last one possibly short."""
-    outs, T = [], k.shape[1]
-    for s in range(0, T, chunk):
+    (N, T)``; ``beta: (N,)`` or None. Chunks of ``chunk`` tokens, the last one possibly short.
+
+    Everything that does not depend on the state (decay matrices, key Grams, the triangular
+    inverse of the weight that reads k) is built for all full chunks in one batched call before
+    the loop; the loop keeps only the state-dependent work (gradients at the chunk-start state,
+    self-generated targets, an MLP's hidden keys)."""
+    N, T = k.shape[:2]
+    n_full = T // chunk
+    c_all = eta if spec.rule == "dgd" else None
+    rho_all = -eta if (spec.kind == "linear" and spec.loss == "l2" and spec.grad_at == "running") else None
+    b = beta[:, None] if spec.momentum else None
+
+    def blocks(x):
+        return None if x is None else x[:, :n_full * chunk].reshape(N, n_full, chunk, *x.shape[2:])
+
+    full = None
+    if n_full:
+        full = chunk_coefficients(blocks(alpha.log()), b[:, None].expand(N, n_full, 1) if b is not None else None,
+                                  blocks(k), blocks(q), blocks(c_all), blocks(rho_all))
+    outs = []
+    for j, s in enumerate(range(0, T, chunk)):
         sl = slice(s, min(s + chunk, T))
+        kc, qc = k[:, sl], (q[:, sl] if q is not None else None)
+        if j < n_full:
+            co = chunk_at(full, j)
+        else:                                                    # the short last chunk
+            co = chunk_coefficients(alpha[:, sl].log(), b, kc, qc, *(x[:, sl] if x is not None else None
+                                                                    for x in (c_all, rho_all)))
+        co_h = {key: v for key, v in co.items() if key not in ("DpA", "GpA", "DpAq", "GpAq")}
+        co_h.update(c=None, rho=None, T=None)                     # an MLP's W1: key h, no erase term
         target = memory_read(spec, state, l2norm(vhat[:, sl])) if self_targets else vhat[:, sl]
-        o, state, mom = memory_chunk(spec, state, mom, k[:, sl], target, eta[:, sl], alpha[:, sl], beta,
-                                     q[:, sl] if q is not None else None)
+        affine = (lambda W0, S0, K, Q, c, rho, w, la, bb, co=co: affine_apply(co, W0, S0, K, Q, w),
+                  lambda W0, S0, K, Q, c, rho, w, la, bb, co=co_h: affine_apply(co, W0, S0, K, Q, w))
+        o, state, mom = compose_chunk(spec, affine, state, mom, kc, target, eta[:, sl], alpha[:, sl], beta, qc)
         outs.append(o)
     return (torch.cat(outs, 1) if q is not None else None), state, mom
 
@@ -89,22 +116,15 @@ def projection_sequence(spec: MemorySpec, P, S, u, beta, eta_bias, alpha_bias, e
 
 
 def _stacked_write(spec, P, S, k, vhat, eta, alpha, beta, groups):
-    """One chunk's write of the stacked linear memory (chunk_torch's linear branch, grouped)."""
-    log_alpha = alpha.log()
+    """One chunk's write of the stacked linear memory: one coefficient set with a group per
+    memory (momentum coefficients differ), applied to every output row at once."""
     dgd_c = eta if spec.rule == "dgd" else None
-    if spec.loss == "dot":
-        w, rho = eta[..., None] * vhat, None
-    elif spec.grad_at == "running":
-        w, rho = eta[..., None] * vhat, -eta
-    else:
-        w, rho = -eta[..., None] * (k @ P.transpose(1, 2) - vhat), None
-    if beta is None:                                   # one decay for every row: one call
-        _, Pn, _ = affine_rank1_chunk(P, None, k, None, dgd_c, rho, w, log_alpha, None)
-        return Pn, None
-    Ps, Ss = [], []
-    for g, sl in enumerate(groups):                    # momentum coefficient per memory
-        _, Pg, Sg = affine_rank1_chunk(P[:, sl], S[:, sl], k, None, dgd_c, rho, w[..., sl], log_alpha,
-                                       beta[:, g])
-        Ps.append(Pg)
-        Ss.append(Sg)
-    return torch.cat(Ps, 1), torch.cat(Ss, 1)
+    w, rho = linear_write(spec, P, k, vhat, eta)
+    co = chunk_coefficients(alpha.log(), beta, k, None, dgd_c, rho)
+    gmask = None
+    if beta is not None:
+        gmask = torch.zeros(len(groups), P.shape[1], dtype=P.dtype, device=P.device)
+        for g, sl in enumerate(groups):
+            gmask[g, sl] = 1.0
+    _, Pn, Sn = affine_apply(co, P, S, k, None, w, gmask)
+    return Pn, Sn

@@ -85,8 +85,10 @@ def compose_chunk(spec: MemorySpec, affine, state, mom, k, vhat, eta, alpha, bet
     """One memory over one chunk, written once for every implementation (paper §8.2).
 
     ``affine`` is an implementation's ``affine_rank1_chunk(W0, S0, K, Q, c, rho, w, log_alpha, beta)``
-    (chunk_torch: PyTorch matmuls; triton_impl: the Triton kernels). This function prepares each
-    weight's write term from the inner-loss gradient and composes the weights:
+    (chunk_torch: PyTorch matmuls; triton_impl: the Triton kernels), or a pair of them: the first
+    for the weight that reads k, the second for an MLP's W1 (a sequence that precomputed each
+    chunk's coefficients passes two closures). This function prepares each weight's write term from
+    the inner-loss gradient and composes the weights:
 
     - linear: one call; ``w = eta vhat`` (dot loss, Eq. 92, state free), ``w = eta vhat, rho = -eta``
       (L2 loss with the running gradient at ``M_{t-1}``), or ``w = -eta (W0 k - vhat)`` (L2 loss
@@ -97,19 +99,15 @@ def compose_chunk(spec: MemorySpec, affine, state, mom, k, vhat, eta, alpha, bet
     The ``dgd`` rule adds ``c = eta`` (the ``- eta (W k) k^T`` erase); momentum passes ``beta``.
     Returns ``(reads or None, new_state, new_mom)``.
     """
+    affine_k, affine_h = affine if isinstance(affine, tuple) else (affine, affine)
     log_alpha = alpha.log()
     dgd_c = eta if spec.rule == "dgd" else None
     b = beta if spec.momentum else None
     if spec.kind == "linear":
         (W0,) = state
         S0 = mom[0] if mom is not None else None
-        if spec.loss == "dot":
-            w, rho = eta[..., None] * vhat, None
-        elif spec.grad_at == "running":
-            w, rho = eta[..., None] * vhat, -eta
-        else:
-            w, rho = -eta[..., None] * (k @ W0.transpose(1, 2) - vhat), None
-        reads, W, S = affine(W0, S0, k, q, dgd_c, rho, w, log_alpha, b)
+        w, rho = linear_write(spec, W0, k, vhat, eta)
+        reads, W, S = affine_k(W0, S0, k, q, dgd_c, rho, w, log_alpha, b)
         return reads, (W,), ((S,) if S is not None else None)
 
     W1, W2 = state
@@ -118,10 +116,21 @@ def compose_chunk(spec: MemorySpec, affine, state, mom, k, vhat, eta, alpha, bet
     h = F.silu(a)
     r = memory_read(spec, state, k) - vhat if spec.loss == "l2" else -vhat
     g2 = (r @ W1) * silu_grad(a)
-    hq_pre, W2n, S2n = affine(W2, S2, k, q, dgd_c, None, -eta[..., None] * g2, log_alpha, b)
+    hq_pre, W2n, S2n = affine_k(W2, S2, k, q, dgd_c, None, -eta[..., None] * g2, log_alpha, b)
     q1 = F.silu(hq_pre) if q is not None else None
-    reads1, W1n, S1n = affine(W1, S1, h, q1, None, None, -eta[..., None] * r, log_alpha, b)
+    reads1, W1n, S1n = affine_h(W1, S1, h, q1, None, None, -eta[..., None] * r, log_alpha, b)
     reads = None
     if q is not None:
         reads = reads1 + q if (spec.residual and W1.shape[1] == W2.shape[2]) else reads1
     return reads, (W1n, W2n), ((S1n, S2n) if spec.momentum else None)
+
+
+def linear_write(spec: MemorySpec, W0, k, vhat, eta):
+    """``(w, rho)`` of a linear memory's write ``u_i = w_i + rho_i W_{i-1} k_i``: ``eta vhat`` (dot
+    loss, Eq. 92), ``eta vhat`` with ``rho = -eta`` (L2 with the running gradient at ``M_{t-1}``), or
+    ``-eta (W0 k - vhat)`` (L2 with the gradient at the chunk-start state ``M_ref = W0``)."""
+    if spec.loss == "dot":
+        return eta[..., None] * vhat, None
+    if spec.grad_at == "running":
+        return eta[..., None] * vhat, -eta
+    return -eta[..., None] * (k @ W0.transpose(-1, -2) - vhat), None
