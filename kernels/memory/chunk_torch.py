@@ -1,6 +1,6 @@
 """Chunk-parallel PyTorch form of the memory update: matmuls inside each chunk.
 
-Every rule of DESIGN.md §4.2 is, inside a chunk, a rank-1 affine recurrence on each weight matrix
+Every rule of docs/MODEL.md §2 is, inside a chunk, a rank-1 affine recurrence on each weight matrix
 ``W`` (tokens i = 0..c-1, ``y_i = W_{i-1} k_i`` the read of the write key before token i):
 
     W_i = alpha_i W_{i-1} - c_i y_i k_i^T + [S_i  or  u_i k_i^T]      u_i = rho_i y_i + w_i

@@ -1,4 +1,4 @@
-"""Token-by-token reference of the memory update (DESIGN.md §4.2). Readable first, slow.
+"""Token-by-token reference of the memory update (docs/MODEL.md §2). Readable first, slow.
 
 Each token: gradient of the inner loss at ``M_ref`` (chunk start) or at ``M_{t-1}`` (``running``),
 optional momentum, then the ``gd`` or ``dgd`` (Eq. 88) write. Reads ``M_{t-1}(q_t)`` happen before
