@@ -42,7 +42,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     rope_theta: float = 10000.0
-    # Self-modifying Titans (DESIGN.md §4.2)
+    # Self-modifying Titans (docs/MODEL.md D2-D12)
     adaptive_projections: bool = True
     self_targets: bool = True
     proj_memory: str = "linear"   # linear | mlp (k, v, eta, alpha memories)

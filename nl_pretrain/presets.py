@@ -1,4 +1,4 @@
-"""Model presets: ``<family>-<size>`` (DESIGN.md §4.5; Titans Table 5 dimensions).
+"""Model presets: ``<family>-<size>`` (docs/MODEL.md D16; Titans Table 5 dimensions).
 
 Sizes 340m / 760m / 1.3b follow the paper's table (32K vocabulary, 4K context); 3b and 7b go beyond
 it; ``tiny`` trains on a laptop CPU in minutes. The width of the CMS step levels (``STEP_EXPANSION``)

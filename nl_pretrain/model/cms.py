@@ -1,7 +1,7 @@
-"""Continuum Memory System (paper Eq. 70-71; DESIGN.md §4.3): a chain of MLP levels.
+"""Continuum Memory System (paper Eq. 70-71; docs/MODEL.md D13, D14): a chain of MLP levels.
 
 - :class:`StepLevel`: an ordinary SwiGLU MLP whose parameters change every ``period`` optimizer
-  steps with the summed gradient (Eq. 71; the schedule lives in :mod:`nl_pretrain.optim.cms`).
+  steps with the summed gradient (Eq. 71; the schedule lives in :mod:`nl_pretrain.optim.optimizer`).
 - :class:`ContextLevel`: per-sequence fast weights, a per-head MLP memory updated every token
   inside chunks of ``period`` tokens, read before the write, trained online on
   ``1/2 ||MLP(z_t) - z_t W_T||^2`` with the same memory kernel as an SMT MLP memory.

@@ -1,4 +1,4 @@
-"""Self-modifying Titans (SMT), the sequence mixer of HOPE (DESIGN.md §4.2, paper §8).
+"""Self-modifying Titans (SMT), the sequence mixer of HOPE (paper §8; docs/MODEL.md §2, D2-D12).
 
 Per head: static projections ``u = x W_u`` and ``q = l2norm(silu(conv(x W_q)))``; adaptive
 projection memories ``M_k, M_v, M_eta, M_alpha`` produce the keys, values, learning rates and

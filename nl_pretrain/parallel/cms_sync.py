@@ -1,4 +1,4 @@
-"""CMS step levels across data-parallel ranks (paper Eq. 71; DESIGN.md §4.3).
+"""CMS step levels across data-parallel ranks (paper Eq. 71; docs/MODEL.md D14, docs/PARALLEL.md).
 
 A step level of period k > 1 lives outside the DeepSpeed engine: :class:`StepLevelSync` replaces it
 in its block by a parameterless :class:`HiddenLevel` that still runs it, so neither ZeRO (stages

@@ -1,7 +1,7 @@
 """Built-in byte-level corpus: no preparation step, no tokenizer training.
 
 Used when ``data.dataset`` is empty (tests, quick runs). Documents are the ``.py`` files of the
-running interpreter's standard library (DESIGN.md §6) or the ``.txt``/``.py`` files of a directory,
+running interpreter's standard library (docs/DATA.md, "Sources") or the ``.txt``/``.py`` files of a directory,
 in sorted path order; a document goes to validation when the md5 of its relative path falls below
 ``val_fraction``. Each document becomes ``[BOS] bytes [EOS]``; documents are concatenated and cut
 into windows of ``seq_len + 1`` tokens (the tail that does not fill a window is dropped and counted).

@@ -1,4 +1,4 @@
-"""Parallel layouts against one process, with real processes over gloo on CPU (DESIGN.md §5.5).
+"""Parallel layouts against one process, with real processes over gloo on CPU (docs/MODEL.md §5).
 
 Each layout trains the tiny models for a few steps; the losses and every updated weight (tensor-parallel
 shards concatenated) must equal the single-process run on the same global batches. One set of
