@@ -99,7 +99,8 @@ def _block_info(b, nbk, d_dim, n_rows, HAS_MOM: tl.constexpr):
 @triton.jit
 def _glue_reads(P0, U, EB, AB, RW, CW, PW, LW, n, t0, c_len, d_dim, eta_max, eta_scale, s_un, s_ut,
                 BC: tl.constexpr, BO: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
-    """Rm = u P^T (to the workspace RW), and the gates. Returns rk, rv, eta, alpha (BC vectors)."""
+    """Rm = u P^T (to the workspace RW), and the gates (learning rates and log alpha to CW, PW, LW).
+    Returns rk, rv (the l2norm scales), sig(Rm_eta + b_eta) and alpha (BC vectors)."""
     R_dim = 2 * d_dim + 2
     rc = tl.arange(0, BC)
     rr = tl.arange(0, BO)
@@ -128,13 +129,13 @@ def _glue_reads(P0, U, EB, AB, RW, CW, PW, LW, n, t0, c_len, d_dim, eta_max, eta
         za += tl.sum(tl.where(ro[None, :] == 2 * d_dim + 1, acc, 0.0), 1)
     rk = 1.0 / tl.sqrt(ssk + 1e-6)
     rv = 1.0 / tl.sqrt(ssv + 1e-6)
-    eta = eta_max * tl.sigmoid(ze + tl.load(EB + n).to(tl.float32))
+    se = tl.sigmoid(ze + tl.load(EB + n).to(tl.float32))
     alpha = tl.sigmoid(za + tl.load(AB + n).to(tl.float32))
-    es = eta * eta_scale
+    es = (eta_max * se) * eta_scale
     tl.store(CW + n * BC + rc, es, mask=mc)
     tl.store(PW + n * BC + rc, -es, mask=mc)
     tl.store(LW + n * BC + rc, tl.log(alpha), mask=mc)
-    return rk, rv, eta, alpha
+    return rk, rv, se, alpha
 
 
 @triton.jit
@@ -204,7 +205,7 @@ def projection_fwd_kernel(
     DGD: tl.constexpr, LOSS: tl.constexpr, HAS_MOM: tl.constexpr,
     BC: tl.constexpr, BO: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
 ):
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # row offsets n * s_w can pass 2^31
     R_dim = 2 * d_dim + 2
     RD = R_dim * d_dim
     s_w = (n_chunks + 1) * RD
@@ -219,8 +220,9 @@ def projection_fwd_kernel(
         c_len = tl.minimum(chunk, T_len - t0)
         mc = rc < c_len
         P0 = STATES + n * s_w + j * RD
-        rk, rv, eta, alpha = _glue_reads(P0, U, EB, AB, RW, CW, PW, LW, n, t0, c_len, d_dim, eta_max, eta_scale,
-                                         s_un, s_ut, BC, BO, BD, PREC)
+        rk, rv, se, alpha = _glue_reads(P0, U, EB, AB, RW, CW, PW, LW, n, t0, c_len, d_dim, eta_max, eta_scale,
+                                        s_un, s_ut, BC, BO, BD, PREC)
+        eta = eta_max * se
         tl.store(EO + n * T_len + t0 + rc, eta, mask=mc)
         tl.store(AO + n * T_len + t0 + rc, alpha, mask=mc)
         tl.debug_barrier()
@@ -252,7 +254,7 @@ def projection_bwd_kernel(
     DGD: tl.constexpr, LOSS: tl.constexpr, HAS_MOM: tl.constexpr,
     BC: tl.constexpr, BO: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
 ):
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # row offsets n * s_w can pass 2^31
     R_dim = 2 * d_dim + 2
     RD = R_dim * d_dim
     s_w = (n_chunks + 1) * RD
@@ -275,9 +277,9 @@ def projection_bwd_kernel(
         mc = rc < c_len
         P0 = STATES + n * s_w + j * RD
         # -- recompute the glue of this chunk --------------------------------------------------
-        rk, rv, eta, alpha = _glue_reads(P0, U, EB, AB, RW, CW, PW, LW, n, t0, c_len, d_dim, eta_max, eta_scale,
-                                         s_un, s_ut, BC, BO, BD, PREC)
-        es = eta * eta_scale
+        rk, rv, se, alpha = _glue_reads(P0, U, EB, AB, RW, CW, PW, LW, n, t0, c_len, d_dim, eta_max, eta_scale,
+                                        s_un, s_ut, BC, BO, BD, PREC)
+        es = (eta_max * se) * eta_scale
         tl.debug_barrier()
         _glue_kv(RW, KW, VW, rk, rv, n, c_len, d_dim, BC * d_dim, d_dim, True, BC, BD)
         tl.debug_barrier()
@@ -316,7 +318,6 @@ def projection_bwd_kernel(
             des += tl.sum(dwt * tl.load(XW + off, mask=mw, other=0.0), 1)
             tl.store(DVH + off, es[:, None] * dwt, mask=mw)
         deta = tl.load(DEO + n * T_len + t0 + rc, mask=mc, other=0.0) + eta_scale * des
-        se = eta / eta_max
         dze = tl.where(mc, deta * eta_max * se * (1.0 - se), 0.0)
         dalpha = tl.load(DAO + n * T_len + t0 + rc, mask=mc, other=0.0) + dla / alpha
         dza = tl.where(mc, dalpha * alpha * (1.0 - alpha), 0.0)

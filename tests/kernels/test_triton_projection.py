@@ -78,9 +78,9 @@ def run(impl, spec, ins, chunk, eta_max=0.5, scale=1.0):
     return [k, v, eta, alpha, P_T] + ([S_T] if S_T is not None else [])
 
 
-def check(spec, ins, chunk, tol=TOL, grad_tol=None, ref_tol=REF_TOL, **kw):
-    """Outputs and the VJP of a random cotangent for every input, against fp32 and float64 torch."""
-    grad_tol = tol if grad_tol is None else grad_tol
+def check(spec, ins, chunk, tol=TOL, ref_tol=REF_TOL, du_tol=None, **kw):
+    """Outputs and the VJP of a random cotangent for every input, against fp32 and float64 torch
+    (``du_tol`` for the gradient of u, against both, when u is bf16)."""
     names = [n for n, x in ins.items() if x is not None]
     leaves = [ins[n] for n in names]
     out = run("triton", spec, ins, chunk, **kw)
@@ -103,9 +103,9 @@ def check(spec, ins, chunk, tol=TOL, grad_tol=None, ref_tol=REF_TOL, **kw):
         errs["d" + n] = (rel_err(a.float(), b.float()), rel_err(a.double(), c))
     print({k: f"{x:.1e}/{y:.1e}" for k, (x, y) in errs.items()})
     for k, (e32, e64) in errs.items():
-        t = grad_tol if k.startswith("d") else tol
+        t, rt = (du_tol, du_tol) if (k == "du" and du_tol is not None) else (tol, ref_tol)
         assert e32 < t, f"{k}: rel err vs fp32 torch {e32:.2e}"
-        assert e64 < ref_tol, f"{k}: rel err vs float64 torch {e64:.2e}"
+        assert e64 < rt, f"{k}: rel err vs float64 torch {e64:.2e}"
     return errs
 
 
@@ -152,10 +152,11 @@ def test_interp_long_chunk():
 
 @interp
 def test_interp_bf16_u():
-    """bf16 u (upcast on load, TF32 dots): vs the torch path on the same bf16 values in fp32 and
-    float64; the gradient of u comes back bf16 (one ulp ~ 4e-3)."""
+    """bf16 u (upcast on load; TF32 dots on a GPU, fp32 in the interpreter): vs the torch path on the
+    same bf16 values in fp32 and float64. Everything but du to fp32 accuracy; du comes back bf16
+    (measured 1.6e-3 = bf16 rounding, one ulp ~ 4e-3)."""
     ins = projection_inputs(2, 21, 16, u_dtype=torch.bfloat16, seed=5)
-    check(HOPE, ins, 8, grad_tol=1e-2, ref_tol=1e-2)
+    check(HOPE, ins, 8, du_tol=5e-3)
 
 
 @interp
@@ -170,7 +171,8 @@ def test_interp_tiles(monkeypatch):
 
 @interp
 def test_interp_one_launch_each_way(monkeypatch):
-    """Forward and backward are exactly one Triton launch each, for T = 7 and T = 37."""
+    """Forward and backward are exactly one Triton launch each (every Triton launch of the process
+    is counted), for T = 5 (one chunk) and T = 29 (four chunks)."""
     from kernels.memory import triton_projection as tp
     kernel_cls = type(tp.projection_fwd_kernel)
     launched = []
@@ -180,15 +182,17 @@ def test_interp_one_launch_each_way(monkeypatch):
         launched.append(getattr(self, "__name__", None) or getattr(self.fn, "__name__", "?"))
         return orig(self, *a, **k)
     monkeypatch.setattr(kernel_cls, "run", counting_run)
-    for T in (7, 37):
+    for T in (5, 29):
         ins = projection_inputs(2, T, 16, seed=T)
         launched.clear()
-        out = run("triton", HOPE, ins, 4)
+        before = dict(tp.LAUNCHES)
+        out = run("triton", HOPE, ins, 8)
         assert len(launched) == 1, launched
         loss = sum((o * torch.randn_like(o)).sum() for o in out)
         launched.clear()
         loss.backward()
         assert len(launched) == 1, launched
+        assert tp.LAUNCHES["fwd"] == before.get("fwd", 0) + 1 and tp.LAUNCHES["bwd"] == before.get("bwd", 0) + 1
 
 
 @interp
