@@ -20,24 +20,61 @@ class ConfigError(ValueError):
     pass
 
 
+def option(default: Any, choices: Optional[tuple] = None, *, gt: Any = None, ge: Any = None, lt: Any = None,
+           le: Any = None, note: str = ""):
+    """A config field with its constraints next to its declaration: ``choices`` (allowed values) and
+    bounds (``gt``/``ge``/``lt``/``le``). Checked for every key a config gives, with an error that
+    names the key, the value and what is allowed (``note`` is appended to a bound's message)."""
+    meta = {"choices": choices, "gt": gt, "ge": ge, "lt": lt, "le": le, "note": note}
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def positive(default: Any):
+    return option(default, gt=0)
+
+
+def _check_field(path: str, value: Any, meta) -> None:
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{path}={value!r} is not one of {list(choices)}")
+    gt, ge, lt, le = (meta.get(k) for k in ("gt", "ge", "lt", "le"))
+    lo, hi = (ge if gt is None else gt), (le if lt is None else lt)
+    if ((lo is None or (value > lo if gt is not None else value >= lo))
+            and (hi is None or (value < hi if lt is not None else value <= hi))):
+        return
+    note = f" {meta['note']}" if meta.get("note") else ""
+    if lo is not None and hi is not None:
+        brackets = ("(" if gt is not None else "[") + f"{lo}, {hi}" + (")" if lt is not None else "]")
+        raise ConfigError(f"{path}={value!r} must be in {brackets}{note}")
+    if lo is not None:
+        raise ConfigError(f"{path}={value!r} must be {'>' if gt is not None else '>='} {lo}{note}")
+    raise ConfigError(f"{path}={value!r} must be {'<' if lt is not None else '<='} {hi}{note}")
+
+
+FAMILIES = ("hope", "hope_attention", "transformer", "titans", "gated_deltanet")
+MEMORY_KINDS = ("linear", "mlp")
+
+
 @dataclass
 class CMSLevel:
-    kind: str = "step"            # step | context
-    period: int = 1               # step: optimizer steps; context: tokens (the chunk size)
-    expansion: float = 4.0        # hidden width = expansion * d (step) or * d_h (context)
+    kind: str = option("step", ("step", "context"))
+    period: int = positive(1)     # step: optimizer steps; context: tokens (the chunk size)
+    expansion: float = positive(4.0)   # hidden width = expansion * d (step) or * d_h (context)
     lr_scale: float = 1.0         # step levels: learning-rate multiplier
-    phase: int = -1               # step levels: stagger offset; -1 = automatic
+    phase: int = option(-1, ge=-1, note="(-1 = automatic)")   # step levels: stagger offset, < period
 
 
 @dataclass
 class ModelConfig:
     preset: str = ""              # e.g. hope-tiny, transformer-760m: fills defaults
-    family: str = "hope"          # hope | hope_attention | transformer | titans | gated_deltanet
-    vocab_size: int = 32000
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    max_seq_len: int = 4096
+    family: str = option("hope", FAMILIES)
+    vocab_size: int = positive(32000)
+    d_model: int = positive(256)
+    n_layers: int = positive(4)
+    n_heads: int = positive(4)
+    max_seq_len: int = positive(4096)
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -45,21 +82,21 @@ class ModelConfig:
     # Self-modifying Titans (docs/MODEL.md D2-D12)
     adaptive_projections: bool = True
     self_targets: bool = True
-    proj_memory: str = "linear"   # linear | mlp (k, v, eta, alpha memories)
-    main_memory: str = "mlp"      # linear | mlp
-    memory_expansion: float = 2.0 # mlp memories: hidden = expansion * d_h
-    rule: str = "dgd"             # gd | dgd
-    inner_loss: str = "l2"        # l2 | dot
-    linear_grad: str = "running"  # running | chunk_start (linear memories)
+    proj_memory: str = option("linear", MEMORY_KINDS)   # the k, v, eta, alpha memories
+    main_memory: str = option("mlp", MEMORY_KINDS)
+    memory_expansion: float = positive(2.0)   # mlp memories: hidden = expansion * d_h
+    rule: str = option("dgd", ("gd", "dgd"))
+    inner_loss: str = option("l2", ("l2", "dot"))
+    linear_grad: str = option("running", ("running", "chunk_start"))   # linear memories
     momentum: bool = True
-    chunk_mem: int = 16
-    chunk_proj: int = 16
+    chunk_mem: int = positive(16)
+    chunk_proj: int = positive(16)
     eta_max: float = 1.0
     mlp_eta_scale: float = 0.1    # MLP memories (chunk-start gradients, unnormalised hidden keys) see eta * this
     eta_chunk_mean: bool = True   # chunk-start-gradient memories use eta_t / C (the chunk's mean gradient)
-    conv_kernel: int = 4
-    memory_impl: str = "auto"     # auto | torch | triton | reference
-    # Continuum Memory System (§4.3); transformer: one step level with period 1
+    conv_kernel: int = positive(4)
+    memory_impl: str = option("auto", ("auto", "torch", "triton", "reference"))
+    # Continuum Memory System (docs/MODEL.md D13, D14); transformer: one step level with period 1
     cms: List[CMSLevel] = field(default_factory=lambda: [CMSLevel()])
 
 
@@ -67,17 +104,17 @@ class ModelConfig:
 class DataConfig:
     dataset: str = ""             # a prepared dataset dir (nl-pretrain prepare-data); "" = built-in byte corpus
     source: str = "default"       # built-in byte corpus: "default" (stdlib) or a directory of .txt
-    seq_len: int = 256
+    seq_len: int = positive(256)
     max_documents: int = 0        # built-in corpus: cap on documents (0 = all)
-    val_fraction: float = 0.01
+    val_fraction: float = option(0.01, ge=0, lt=1)
     num_workers: int = 0
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
+    name: str = option("adamw", ("adamw",))
+    lr: float = positive(1e-3)
+    min_lr_ratio: float = option(0.1, ge=0, le=1)
     warmup_steps: int = 50
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -88,40 +125,41 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
-    micro_batch_size: int = 8
-    grad_accum: int = 1
+    steps: int = positive(300)
+    micro_batch_size: int = positive(8)
+    grad_accum: int = positive(1)
     seed: int = 0
-    device: str = "auto"          # auto | cpu | cuda
-    precision: str = "fp32"       # fp32 | bf16 (autocast)
-    log_every: int = 10
-    eval_every: int = 100
+    device: str = option("auto", ("auto", "cpu", "cuda"))
+    precision: str = option("fp32", ("fp32", "bf16"))   # bf16: autocast (one process), DeepSpeed bf16 (distributed)
+    log_every: int = positive(10)
+    eval_every: int = positive(100)
     eval_batches: int = 8
     run_dir: str = "runs/default"
     progress: bool = True
     threads: int = 0              # torch intra-op threads (0 = torch default)
     resume: str = ""              # "" (fresh run) | auto (newest complete checkpoint, if any) | a checkpoint dir
-    on_nan: str = "skip"          # non-finite loss: skip the step | rollback to the last checkpoint | stop
-    max_nan_steps: int = 5        # consecutive non-finite steps tolerated before stopping
+    # non-finite loss: skip the step | rollback to the last checkpoint | stop
+    on_nan: str = option("skip", ("skip", "rollback", "stop"))
+    max_nan_steps: int = option(5, ge=1)   # consecutive non-finite steps tolerated before stopping
 
 
 @dataclass
 class ParallelConfig:
-    tensor: int = 1
-    pipeline: int = 1
-    zero_stage: int = 0
+    tensor: int = positive(1)
+    pipeline: int = positive(1)
+    zero_stage: int = option(0, (0, 1, 2, 3))
     activation_checkpointing: bool = False   # recompute each block in backward (DeepSpeed runtime)
 
 
 @dataclass
 class CheckpointConfig:
     save_final: bool = True
-    every: int = 0                # steps between saves (0 = only the final one)
+    every: int = option(0, ge=0, note="(0 turns it off)")        # steps between saves (0 = only the final one)
     dir: str = ""                 # "" = <train.run_dir>/checkpoints (shared by every rank)
-    keep_last: int = 3            # complete checkpoints kept (0 = all)
-    keep_every: int = 0           # also keep steps that are multiples of this (0 = off)
+    keep_last: int = option(3, ge=0, note="(0 turns it off)")    # complete checkpoints kept (0 = all)
+    keep_every: int = option(0, ge=0, note="(0 turns it off)")   # also keep multiples of this step
     async_save: bool = False      # write in a background thread (host copy first; one save in flight)
-    verify: str = "full"          # resume checks: full (sha256 of every file) | size
+    verify: str = option("full", ("full", "size"))   # resume checks: sha256 of every file | sizes only
 
 
 @dataclass
@@ -132,31 +170,6 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-
-
-CHOICES = {
-    "model.family": ("hope", "hope_attention", "transformer", "titans", "gated_deltanet"),
-    "model.proj_memory": ("linear", "mlp"),
-    "model.main_memory": ("linear", "mlp"),
-    "model.rule": ("gd", "dgd"),
-    "model.inner_loss": ("l2", "dot"),
-    "model.linear_grad": ("running", "chunk_start"),
-    "model.memory_impl": ("auto", "torch", "triton", "reference"),
-    "model.cms.kind": ("step", "context"),
-    "optim.name": ("adamw",),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.precision": ("fp32", "bf16"),
-    "parallel.zero_stage": (0, 1, 2, 3),
-    "train.on_nan": ("skip", "rollback", "stop"),
-    "checkpoint.verify": ("full", "size"),
-}
-POSITIVE = {
-    "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.max_seq_len",
-    "model.chunk_mem", "model.chunk_proj", "model.conv_kernel", "model.memory_expansion",
-    "model.cms.period", "model.cms.expansion", "data.seq_len", "optim.lr", "train.steps",
-    "train.micro_batch_size", "train.grad_accum", "train.log_every", "train.eval_every",
-    "parallel.tensor", "parallel.pipeline",
-}
 
 
 def _coerce(path: str, value: Any, typ: Any) -> Any:
@@ -208,7 +221,12 @@ def _from_dict(cls, data: Dict[str, Any], prefix: str = ""):
         where = prefix or "top level"
         raise ConfigError(f"unknown key '{(prefix + '.' if prefix else '') + unknown[0]}' in {where}; "
                           f"allowed: {', '.join(sorted(names))}")
-    kwargs = {k: _coerce(f"{prefix}.{k}" if prefix else k, v, hints[k]) for k, v in data.items()}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        path = f"{prefix}.{k}" if prefix else k
+        kwargs[k] = _coerce(path, v, hints[k])
+        _check_field(path, kwargs[k], fields[k].metadata)
     return cls(**kwargs)
 
 
@@ -236,40 +254,19 @@ def parse_overrides(args: List[str]) -> List[tuple]:
     return out
 
 
-def _walk_validate(cfg: RunConfig) -> None:
-    def check(path, value):
-        generic = ".".join(p.split("[")[0] for p in path.split("."))   # model.cms[0].kind -> model.cms.kind
-        if generic in CHOICES and value not in CHOICES[generic]:
-            raise ConfigError(f"{path}={value!r} is not one of {list(CHOICES[generic])}")
-        if generic in POSITIVE and not value > 0:
-            raise ConfigError(f"{path}={value!r} must be > 0")
-
-    for section in dataclasses.fields(cfg):
-        sub = getattr(cfg, section.name)
-        for f in dataclasses.fields(sub):
-            value = getattr(sub, f.name)
-            path = f"{section.name}.{f.name}"
-            if isinstance(value, list):
-                for i, item in enumerate(value):
-                    for g in dataclasses.fields(item):
-                        check(f"{path}[{i}].{g.name}", getattr(item, g.name))
-            else:
-                check(path, value)
+def _check_relations(cfg: RunConfig) -> None:
+    """Constraints between fields (each field's own are declared with it)."""
     m = cfg.model
     if m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model ({m.d_model}) must divide by model.n_heads ({m.n_heads})")
     if m.adaptive_projections and not m.self_targets:
         raise ConfigError("model.self_targets=false needs model.adaptive_projections=false: plain targets "
                           "v_t are undefined for the scalar eta/alpha memories (docs/MODEL.md)")
-    if not 0 <= cfg.data.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
     if cfg.data.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
     for i, lvl in enumerate(m.cms):
         if lvl.kind == "step" and lvl.phase >= lvl.period:
             raise ConfigError(f"model.cms[{i}].phase ({lvl.phase}) must be < period ({lvl.period}) or -1 (auto)")
-    if not 0 <= cfg.optim.min_lr_ratio <= 1:
-        raise ConfigError(f"optim.min_lr_ratio={cfg.optim.min_lr_ratio} must be in [0, 1]")
 
 
 def build_config(tree: Dict[str, Any]) -> RunConfig:
@@ -281,7 +278,7 @@ def build_config(tree: Dict[str, Any]) -> RunConfig:
         merged.update(model)
         tree["model"] = merged
     cfg = _from_dict(RunConfig, tree)
-    _walk_validate(cfg)
+    _check_relations(cfg)
     return cfg
 
 

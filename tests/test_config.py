@@ -30,6 +30,9 @@ def test_overrides_and_types(tmp_path):
     (["optim.lr=1"], "must look like --section.key=value"),
     (["--model.cms=[{kind: step, period: 2, expansion: 1, color: red}]"], "unknown key 'model.cms\\[0\\].color'"),
     (["--model.cms=[{kind: slow}]"], "model.cms\\[0\\].kind='slow' is not one of"),
+    (["--data.val_fraction=1"], "data.val_fraction=1.0 must be in \\[0, 1\\)"),
+    (["--checkpoint.every=-1"], "checkpoint.every=-1 must be >= 0 \\(0 turns it off\\)"),
+    (["--parallel.zero_stage=4"], "parallel.zero_stage=4 is not one of \\[0, 1, 2, 3\\]"),
 ])
 def test_errors_name_key_value_and_choices(overrides, message):
     with pytest.raises(ConfigError, match=message):
