@@ -658,6 +658,10 @@ def mlp_memory_sequence(spec: MemorySpec, state, mom, k, vhat, eta, alpha, beta,
     if self_targets and d_in != d_out:
         raise ValueError("self_targets reads the memory at l2norm(v): needs d_in == d_out")
     _tiles(chunk, d_in, d_out, h)
+    n_states = -(-k.shape[1] // chunk) + 1
+    if max(n_states * N * h * max(d_in, d_out), N * k.shape[1] * max(d_in, d_out)) >= 2 ** 31:
+        raise ValueError("mlp_memory_sequence: a state buffer or token tensor of 2^31 elements or more "
+                         "(int32 offsets in the kernel); split the rows into several calls")
     with torch.autocast(k.device.type, enabled=False):
         W1, W2 = W1.float().contiguous(), W2.float().contiguous()
         if spec.momentum:

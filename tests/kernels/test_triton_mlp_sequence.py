@@ -34,7 +34,7 @@ interp = pytest.mark.skipif(not INTERP,
                             reason="interpreter case: runs in the subprocess of test_mlp_sequence_under_interpreter")
 TOL = 2e-5
 REF_TOL = 1e-4
-N_INTERP_CASES = 17
+N_INTERP_CASES = 18
 
 
 @pytest.mark.slow
@@ -116,6 +116,7 @@ CASES = {
     "no_q": ("dgd_l2_mom", 13, 8, True, False, None),
     "residual_off": ("dgd_l2_mom_nores", 13, 8, True, True, None),
     "widths_differ": ("dgd_l2_mom", 13, 4, False, True, 24),       # d_in 16, d_out 24: no residual
+    "one_short_chunk": ("dgd_l2_mom", 5, 8, True, True, None),
     "chunk_1": ("dgd_l2_mom", 4, 1, True, True, None),
     "chunk_64": ("dgd_l2_mom", 70, 64, True, True, None),
 }
