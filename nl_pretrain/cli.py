@@ -60,10 +60,10 @@ def cmd_train(args) -> int:
             summary = train_distributed(cfg)
         finally:
             shutdown()
-        return 0
-    from nl_pretrain.train.loop import train
-    summary = train(cfg)
-    if "val_loss" in summary:
+    else:
+        from nl_pretrain.train.loop import train
+        summary = train(cfg)
+    if "val_loss" in summary and os.environ.get("RANK", "0") == "0":
         print(f"done: held-out loss {summary['val_loss']:.4f} (perplexity {summary['val_ppl']:.2f}), "
               f"checkpoint {summary.get('checkpoint', '-')}")
     return 0

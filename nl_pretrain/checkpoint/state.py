@@ -41,54 +41,37 @@ def local_file(rank: int) -> str:
 
 # ---------------------------------------------------------------------------------------------- RNG
 def capture_rng() -> dict:
-    from nl_pretrain.parallel import random as tp_random
+    from nl_pretrain.parallel.random import get_rng_state
     out = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-           "tp_streams": tp_random._tp_states}
+           "tp_streams": get_rng_state()}
     if torch.cuda.is_available():
         out["cuda"] = torch.cuda.get_rng_state()
     return out
 
 
 def restore_rng(state: dict) -> None:
-    from nl_pretrain.parallel import random as tp_random
+    from nl_pretrain.parallel.random import set_rng_state
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    tp_random._tp_states = state.get("tp_streams")
+    set_rng_state(state.get("tp_streams"))
 
 
 # --------------------------------------------------------------------------------- optimizer access
-def inner_torch_optimizer(opt):
-    """The ``torch.optim`` optimizer inside DeepSpeed's wrappers (ZeRO, bf16) or ``opt`` itself."""
-    while not (isinstance(opt, torch.optim.Optimizer) and type(opt).__module__.startswith("torch.optim")):
-        opt = opt.optimizer
-    return opt
-
-
-def _scalar_step(value: float) -> torch.Tensor:
+def scalar_step(value: float) -> torch.Tensor:
     return torch.tensor(float(value), dtype=torch.float32)
 
 
-def ensure_adam_state(opt: torch.optim.Optimizer) -> None:
-    """Create AdamW's state for parameters that have none yet (before the first step), equivalent to
-    a fresh optimizer: zero moments, step 0."""
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if not opt.state.get(p):
-                opt.state[p] = {"step": _scalar_step(0), "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
-
-
-def _steps(opt: torch.optim.Optimizer) -> int:
+def optimizer_steps(opt: torch.optim.Optimizer) -> int:
     return int(max((float(st["step"]) for st in opt.state.values() if "step" in st), default=0))
 
 
-def _set_steps(opt: torch.optim.Optimizer, n: int) -> None:
+def set_optimizer_steps(opt: torch.optim.Optimizer, n: int) -> None:
     for st in opt.state.values():
         if "step" in st:
-            st["step"] = _scalar_step(n).to(st["step"].device) if torch.is_tensor(st["step"]) else n
+            st["step"] = scalar_step(n).to(st["step"].device) if torch.is_tensor(st["step"]) else n
 
 
 class ParamAccess:
@@ -125,7 +108,7 @@ class ParamAccess:
         pass
 
 
-def _plain_read(p, opt, acc=None) -> dict:
+def read_plain(p, opt, acc=None) -> dict:
     st = opt.state.get(p) or {}
     rec = {"value": p.detach().float().clone()}
     for k in MOMENTS:
@@ -135,12 +118,12 @@ def _plain_read(p, opt, acc=None) -> dict:
     return rec
 
 
-def _plain_write(p, opt, rec: dict, acc=None) -> None:
+def write_plain(p, opt, rec: dict, acc=None) -> None:
     with torch.no_grad():
         p.copy_(rec["value"].to(p.dtype))
     st = opt.state.get(p)
     if not st:
-        st = opt.state[p] = {"step": _scalar_step(0)}
+        st = opt.state[p] = {"step": scalar_step(0)}
     for k in MOMENTS:
         st[k] = rec[k].to(device=p.device, dtype=p.dtype).clone()
     if acc is not None:
@@ -162,120 +145,19 @@ class LocalAccess(ParamAccess):
 
     def read(self, name, p):
         o, acc = self.slot[id(p)]
-        return _plain_read(p, o, acc)
+        return read_plain(p, o, acc)
 
     def write(self, name, p, rec):
         o, acc = self.slot[id(p)]
-        _plain_write(p, o, rec, acc)
+        write_plain(p, o, rec, acc)
 
     def counters(self):
-        return {"adam_steps": _steps(self.opt.base), "slow_updates": {i: _steps(lv["opt"]) for i, lv in self.opt.slow.items()}}
+        return {"adam_steps": optimizer_steps(self.opt.base), "slow_updates": {i: optimizer_steps(lv["opt"]) for i, lv in self.opt.slow.items()}}
 
     def set_counters(self, c):
-        _set_steps(self.opt.base, c["adam_steps"])
+        set_optimizer_steps(self.opt.base, c["adam_steps"])
         for i, lv in self.opt.slow.items():
-            _set_steps(lv["opt"], c["slow_updates"].get(i, c["slow_updates"].get(str(i), 0)))
-
-
-class EngineAccess(ParamAccess):
-    """One rank of :class:`~nl_pretrain.parallel.trainer.DistributedTrainer`: parameters inside the
-    DeepSpeed engine (plain AdamW, bf16 masters, ZeRO 1/2 fragments, ZeRO-3 partitions) and the slow
-    CMS levels beside it."""
-
-    def __init__(self, trainer):
-        from megatron.core import parallel_state as ps
-        self.trainer = trainer
-        self.named = trainer.named_parameters()
-        self.inner = inner_torch_optimizer(trainer.engine.optimizer)
-        ensure_adam_state(self.inner)
-        wrapper = trainer.engine.optimizer
-        if hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):          # ZeRO 1/2: link moments
-            wrapper._hp_optimizer_states_linked = False
-            wrapper._lazy_init_hp_params_optimizer_state()
-        self.master = {}                                # bf16 without ZeRO: lp -> fp32 master
-        if hasattr(wrapper, "fp16_groups") and hasattr(wrapper, "fp32_groups"):
-            for lows, highs in zip(wrapper.fp16_groups, wrapper.fp32_groups):
-                for lo, hi in zip(lows, highs):
-                    self.master[id(lo)] = hi
-        self.slow = {}
-        for lv in trainer.slow.levels.values():
-            for p, a in zip(lv["params"], lv["acc"]):
-                self.slow[id(p)] = (lv["opt"], a)
-        self.tp_rank = ps.get_tensor_model_parallel_rank()
-
-    def owners(self):
-        return [(n, p) for n, p in self.named
-                if not getattr(p, "ds_pipe_replicated", False)
-                and (self.tp_rank == 0 or getattr(p, "tensor_model_parallel", False))]
-
-    @staticmethod
-    def _partitioned(p) -> bool:
-        # ZeRO 1/2 (and bf16) give every engine parameter ``_hp_mapping``, None where this rank holds
-        # none of it; the gather is collective either way, so test for the attribute, not its value
-        return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
-
-    def read(self, name, p):
-        if id(p) in self.slow:
-            o, acc = self.slow[id(p)]
-            rec = _plain_read(p, o, acc)
-            if self.trainer.dp_size > 1:       # the DP ranks' local sums differ: keep their mean, which
-                import torch.distributed as dist   # is what their update step all-reduces to
-                dist.all_reduce(rec["acc"], group=self.trainer.dp_group)
-                rec["acc"] /= self.trainer.dp_size
-            return rec
-        if self._partitioned(p):
-            from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-            rec = {"value": safe_get_full_fp32_param(p).detach().float().cpu().clone()}
-            for k in MOMENTS:
-                rec[k] = safe_get_full_optimizer_state(p, k).detach().float().cpu().clone()
-            return rec
-        hi = self.master.get(id(p), p)
-        rec = _plain_read(hi, self.inner)
-        return {k: v.cpu() for k, v in rec.items()}
-
-    def write(self, name, p, rec):
-        if id(p) in self.slow:
-            o, acc = self.slow[id(p)]
-            return _plain_write(p, o, {k: v.to(p.device) for k, v in rec.items()}, acc)
-        if self._partitioned(p):
-            from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-            dev = self.trainer.device
-            safe_set_full_fp32_param(p, rec["value"].to(dev))
-            for k in MOMENTS:
-                safe_set_full_optimizer_state(p, rec[k].to(dev), k)
-            if hasattr(p, "ds_id"):                      # ZeRO-3: the low-precision partition too
-                import deepspeed
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                    with torch.no_grad():
-                        p.copy_(rec["value"].to(device=p.device, dtype=p.dtype))
-            else:
-                with torch.no_grad():
-                    p.copy_(rec["value"].to(device=p.device, dtype=p.dtype))
-            return
-        hi = self.master.get(id(p))
-        if hi is not None:
-            _plain_write(hi, self.inner, {k: v.to(hi.device) for k, v in rec.items()})
-            with torch.no_grad():
-                p.copy_(rec["value"].to(device=p.device, dtype=p.dtype))
-        else:
-            _plain_write(p, self.inner, {k: v.to(p.device) for k, v in rec.items()})
-
-    def local_state(self):
-        return {"slow_acc": {n: self.slow[id(p)][1].detach().clone() for n, p in self.named if id(p) in self.slow}}
-
-    def set_local_state(self, state):
-        for n, p in self.named:
-            if id(p) in self.slow and n in state.get("slow_acc", {}):
-                self.slow[id(p)][1].copy_(state["slow_acc"][n])
-
-    def counters(self):
-        return {"adam_steps": _steps(self.inner),
-                "slow_updates": {i: _steps(lv["opt"]) for i, lv in self.trainer.slow.levels.items()}}
-
-    def set_counters(self, c):
-        _set_steps(self.inner, c["adam_steps"])
-        for i, lv in self.trainer.slow.levels.items():
-            _set_steps(lv["opt"], c["slow_updates"].get(i, c["slow_updates"].get(str(i), 0)))
+            set_optimizer_steps(lv["opt"], c["slow_updates"].get(i, c["slow_updates"].get(str(i), 0)))
 
 
 # ------------------------------------------------------------------------------- save and assemble

@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nl_pretrain.model.layers import rope
+from nl_pretrain.model.sharding import COLUMN, ROW
 
 try:  # optional GPU extra
     from flash_attn import flash_attn_func  # type: ignore
@@ -22,13 +23,20 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
+    tp_plan = {"w_q": COLUMN, "w_k": COLUMN, "w_v": COLUMN, "w_o": ROW}
+
     def __init__(self, d: int, n_heads: int, rope_theta: float):
         super().__init__()
-        self.n_heads, self.d_head, self.rope_theta = n_heads, d // n_heads, rope_theta
+        self.d_head, self.rope_theta = d // n_heads, rope_theta
         self.w_q = nn.Linear(d, d, bias=False)
         self.w_k = nn.Linear(d, d, bias=False)
         self.w_v = nn.Linear(d, d, bias=False)
         self.w_o = nn.Linear(d, d, bias=False)
+
+    @property
+    def n_heads(self) -> int:
+        """Heads this module holds (all of them, or a tensor-parallel rank's share)."""
+        return self.w_q.weight.shape[0] // self.d_head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape

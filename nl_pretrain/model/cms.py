@@ -14,6 +14,7 @@ import torch.nn as nn
 from kernels.memory import MemorySpec, memory_sequence
 from nl_pretrain.model.layers import SwiGLU, l2norm
 from nl_pretrain.model.memories import MemoryInit, ResolvedImpl, from_rows, to_rows
+from nl_pretrain.model.sharding import COLUMN, HEAD_SLICE, HEADS, ROW
 from nl_pretrain.model.smt import ALPHA_BIAS_INIT, BETA_LOGIT, ETA_BIAS_INIT
 
 
@@ -28,10 +29,13 @@ class StepLevel(nn.Module):
 
 
 class ContextLevel(nn.Module):
+    tp_plan = {"w_target": COLUMN, "w_eta": COLUMN, "w_alpha": COLUMN, "w_o": ROW, "beta_logit": HEADS,
+               "init": HEADS, "local_heads": HEAD_SLICE}
+
     def __init__(self, cfg, level):
         super().__init__()
         d, H = cfg.d_model, cfg.n_heads
-        self.cfg, self.H, self.period = cfg, H, level.period
+        self.cfg, self.period = cfg, level.period
         self.spec = MemorySpec(kind="mlp", rule=cfg.rule, loss="l2", grad_at="chunk_start",
                                momentum=cfg.momentum, residual=False)
         self.init = MemoryInit("mlp", H, d // H, d // H, level.expansion)
@@ -45,6 +49,11 @@ class ContextLevel(nn.Module):
         self.w_o = nn.Linear(d, d, bias=False)
         self.local_heads = nn.Identity()   # the heads of z this module owns (tensor parallel: a slice)
         self.impl = ResolvedImpl(cfg.memory_impl)
+
+    @property
+    def H(self) -> int:
+        """Heads this level holds (all of them, or a tensor-parallel rank's share)."""
+        return self.beta_logit.shape[0]
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         B, T, _ = z.shape

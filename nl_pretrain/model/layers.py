@@ -5,8 +5,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nl_pretrain.model.sharding import COLUMN, REPLICATED, ROW
+
 
 class RMSNorm(nn.Module):
+    tp_plan = {"weight": REPLICATED}
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
@@ -36,6 +40,7 @@ def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
 
 class SwiGLU(nn.Module):
     """``W_down (silu(x W_gate) * x W_up)``, no biases."""
+    tp_plan = {"w_gate": COLUMN, "w_up": COLUMN, "w_down": ROW}
 
     def __init__(self, d: int, hidden: int):
         super().__init__()

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from nl_pretrain.model.attention import Attention
 from nl_pretrain.model.cms import build_level
 from nl_pretrain.model.layers import RMSNorm
-from nl_pretrain.model.packing import layout_for
+from nl_pretrain.model.packing import run_documents
+from nl_pretrain.model.sharding import COLUMN, VOCAB
 from nl_pretrain.model.smt import SelfModifyingTitans
 
 ATTENTION_FAMILIES = ("transformer", "hope_attention")
@@ -41,6 +42,8 @@ class Block(nn.Module):
 
 
 class LanguageModel(nn.Module):
+    tp_plan = {"embed": VOCAB, "lm_head": COLUMN}     # blocks and the final norm declare their own
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -62,15 +65,7 @@ class LanguageModel(nn.Module):
                 nn.init.normal_(mod.weight, std=out_std if last in ("w_o", "w_down") else std)
 
     def hidden(self, input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = self.embed(input_ids)
-        layout = layout_for(doc_ids)
-        if layout is not None:
-            x = layout.unpack(x)
-        for block in self.blocks:
-            x = block(x)
-        if layout is not None:
-            x = layout.pack(x)
-        return self.norm(x)
+        return self.norm(run_documents(self.blocks, self.embed(input_ids), doc_ids))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h) if self.lm_head is not None else h @ self.embed.weight.t()

@@ -41,6 +41,16 @@ class DocumentLayout:
         return flat.view(*self.shape, D)
 
 
+def run_documents(blocks, x: torch.Tensor, doc_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """``blocks`` applied in turn to every document of the packed ``x`` as if it ran alone."""
+    layout = layout_for(doc_ids)
+    if layout is not None:
+        x = layout.unpack(x)
+    for block in blocks:
+        x = block(x)
+    return layout.pack(x) if layout is not None else x
+
+
 def layout_for(doc_ids: Optional[torch.Tensor]) -> Optional[DocumentLayout]:
     """None when there is nothing to unpack (no ids, or one document per row)."""
     if doc_ids is None:

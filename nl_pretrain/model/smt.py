@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from kernels.memory import memory_chunk, memory_read, memory_sequence, projection_sequence
 from nl_pretrain.model.layers import CausalConv, l2norm
 from nl_pretrain.model.memories import MemoryInit, ResolvedImpl, from_rows, make_spec, to_rows
+from nl_pretrain.model.sharding import COLUMN, HEADS, ROW
 
 PROJ_MEMORIES = ("k", "v", "eta", "alpha")
 ETA_BIAS_INIT, ALPHA_BIAS_INIT, BETA_INIT = -2.0, 4.0, 0.9
@@ -27,11 +28,17 @@ BETA_LOGIT = math.log(BETA_INIT / (1 - BETA_INIT))
 
 
 class SelfModifyingTitans(nn.Module):
+    # heads are independent: projections that produce them are column-parallel, W_o reads them (row),
+    # every per-head tensor (biases, betas, output norm, convolution channels, memory states) is sliced
+    tp_plan = {**dict.fromkeys(("w_q", "w_u", "w_k", "w_v", "w_g", "w_eta", "w_alpha"), COLUMN), "w_o": ROW,
+               **dict.fromkeys(("eta_bias", "alpha_bias", "beta_logit", "out_norm", "conv_q", "conv_u", "conv_k",
+                                "conv_v", "proj_init", "main_init"), HEADS)}
+
     def __init__(self, cfg):
         super().__init__()
         d, H = cfg.d_model, cfg.n_heads
         dh = d // H
-        self.cfg, self.d, self.H, self.dh = cfg, d, H, dh
+        self.cfg, self.d, self.dh = cfg, d, dh
         self.adaptive = cfg.adaptive_projections
         rule, loss, lg, mom = cfg.rule, cfg.inner_loss, cfg.linear_grad, cfg.momentum
         self.proj_spec = make_spec(cfg.proj_memory, rule, loss, lg, mom)
@@ -66,6 +73,11 @@ class SelfModifyingTitans(nn.Module):
         self.w_g = nn.Linear(d, H * dh, bias=False)
         self.w_o = nn.Linear(H * dh, d, bias=False)
         self.impl = ResolvedImpl(cfg.memory_impl)   # memory_impl, resolved once per device
+
+    @property
+    def H(self) -> int:
+        """Heads this layer holds (all of them, or a tensor-parallel rank's share)."""
+        return self.eta_bias.shape[0]
 
     # -- pieces shared with the sequential reference -------------------------------------------
     def queries(self, x):

@@ -52,7 +52,7 @@ def slow_levels(blocks: Iterable[Tuple[int, nn.Module]]) -> Dict[int, List[tuple
     return out
 
 
-def _model_parallel_norm(params: List[torch.Tensor], group) -> torch.Tensor:
+def model_parallel_norm(params: List[torch.Tensor], group) -> torch.Tensor:
     """The 2-norm of the gradients of ``params`` over every tensor/pipeline shard: sharded tensors
     count on every rank, replicated ones on tensor rank 0 only."""
     tp_rank = 0
@@ -136,7 +136,7 @@ class StepLevelSync:
                     offset += a.numel()
             for p, a in zip(lv["params"], lv["acc"]):
                 p.grad = a.clone()
-            norm = _model_parallel_norm(lv["params"], self.norm_group)
+            norm = model_parallel_norm(lv["params"], self.norm_group)
             coef = limit / (float(norm) + 1e-6)
             if coef < 1.0:
                 for p in lv["params"]:

@@ -18,7 +18,7 @@ from typing import List
 import torch
 import torch.nn as nn
 
-from nl_pretrain.model.packing import layout_for
+from nl_pretrain.model.packing import run_documents
 
 
 class StageBlocks(nn.Module):
@@ -30,14 +30,8 @@ class StageBlocks(nn.Module):
 
     def forward(self, inputs):
         x, doc_ids = inputs
-        layout = layout_for(doc_ids)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            if layout is not None:
-                x = layout.unpack(x)
-            for block in self.blocks:
-                x = block(x)
-            if layout is not None:
-                x = layout.pack(x)
+            x = run_documents(self.blocks, x, doc_ids)
         return x.to(torch.bfloat16) if self.bf16 else x, doc_ids
 
 
@@ -108,7 +102,7 @@ def build_pipeline(model, layout, stage_blocks: List[List[int]], bf16: bool = Fa
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    tp = getattr(model, "tensor_parallel", 1)
+    tp = layout.tp
     layers = []
     if model.lm_head is None:
         layers.append(TiedLayerSpec("embed", Wrapped, model.embed, forward_fn=_embed,

@@ -53,3 +53,14 @@ def tensor_parallel_rng():
             torch.cuda.set_rng_state(_tp_states["cuda"])
         yield
         _tp_states = _capture()
+
+
+def get_rng_state() -> Optional[dict]:
+    """This rank's tensor-parallel stream (``None`` before :func:`seed_model_parallel`), for checkpoints."""
+    return _tp_states
+
+
+def set_rng_state(state: Optional[dict]) -> None:
+    """Continue the tensor-parallel stream from :func:`get_rng_state`'s value."""
+    global _tp_states
+    _tp_states = state

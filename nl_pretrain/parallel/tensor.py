@@ -1,16 +1,17 @@
 """Tensor parallelism applied from outside the model (the model stays single-device math).
 
 Every rank builds the full single-device model from the same seed, then :func:`apply_tensor_parallel`
-keeps this rank's slice: projections that produce heads become megatron-core ``ColumnParallelLinear``
-(output channels are head-major, so a contiguous slice is a contiguous block of heads), the
-projections that read heads become ``RowParallelLinear``, per-head parameters (learned initial
-states of the fast-weight memories, momentum betas, gate biases, output norms, depthwise
-convolution channels) are sliced by head, and the embedding becomes ``VocabParallelEmbedding``.
-A head's fast-weight memory is updated entirely on the rank that owns the head: no communication
-inside the inner loop. CMS context levels read this rank's head slice of ``z``
+keeps this rank's slice, as each module declares it (``tp_plan``, :mod:`nl_pretrain.model.sharding`):
+projections that produce heads become megatron-core ``ColumnParallelLinear`` (output channels are
+head-major, so a contiguous slice is a contiguous block of heads), the projections that read heads
+become ``RowParallelLinear``, per-head tensors (learned initial states of the fast-weight memories,
+momentum betas, gate biases, output norms, depthwise convolution channels) are sliced by head, and
+the embedding becomes ``VocabParallelEmbedding``. Modules read their local head count from these
+shapes. A head's fast-weight memory is updated entirely on the rank that owns the head: no
+communication inside the inner loop. CMS context levels read this rank's head slice of ``z``
 (``local_heads``); step levels are column -> row parallel SwiGLUs.
 
-:func:`shard_plan` says how each parameter is split; the dry run counts per-rank parameters with it.
+:func:`shard_plan` says how each parameter is split; the dry run and the checkpoints use it.
 """
 from __future__ import annotations
 
@@ -19,47 +20,59 @@ from typing import Dict, Tuple
 import torch
 import torch.nn as nn
 
-from nl_pretrain.model.attention import Attention
-from nl_pretrain.model.cms import ContextLevel, StepLevel
-from nl_pretrain.model.smt import SelfModifyingTitans
+from nl_pretrain.model.sharding import COLUMN, HEAD_SLICE, HEADS, REPLICATED, ROW, VOCAB
 
-# how a parameter is split across tensor-parallel ranks: (style, dim); style None = replicated
-COLUMN, ROW, HEADS, VOCAB = "column", "row", "heads", "vocab"
-_COLUMN = {SelfModifyingTitans: ("w_q", "w_u", "w_k", "w_v", "w_g", "w_eta", "w_alpha"),
-           Attention: ("w_q", "w_k", "w_v"),
-           ContextLevel: ("w_target", "w_eta", "w_alpha")}
-_ROW = {SelfModifyingTitans: ("w_o",), Attention: ("w_o",), ContextLevel: ("w_o",)}
-_HEAD_PARAMS = ("eta_bias", "alpha_bias", "beta_logit", "out_norm")
-_HEAD_CHILDREN = ("conv_q", "conv_u", "conv_k", "conv_v", "proj_init", "main_init", "init")
+_DIM = {COLUMN: 0, ROW: 1, HEADS: 0, VOCAB: 0}
+
+
+def module_plan(model: nn.Module) -> Dict[str, str]:
+    """``{module or parameter path: style}`` from the ``tp_plan`` each module declares; raises for
+    a parameter that no plan covers."""
+    out: Dict[str, str] = {}
+
+    def visit(mod: nn.Module, prefix: str) -> None:
+        plan = getattr(type(mod), "tp_plan", None)
+        own = [n for n, _ in mod.named_parameters(recurse=False)]
+        if plan is None and own:
+            raise TypeError(f"{type(mod).__name__} at '{prefix or 'the model'}' holds parameters {own} but "
+                            f"declares no tp_plan (nl_pretrain/model/sharding.py)")
+        for n in own:
+            if n not in plan:
+                raise TypeError(f"{type(mod).__name__}.tp_plan does not say how '{n}' splits ({prefix}{n})")
+            out[prefix + n] = plan[n]
+        for n, child in mod.named_children():
+            if plan is not None and n in plan:
+                out[prefix + n] = plan[n]
+            else:
+                visit(child, f"{prefix}{n}.")
+
+    visit(model, "")
+    return out
 
 
 def shard_plan(model: nn.Module) -> Dict[str, Tuple[str, int]]:
     """``{parameter name: (style, dim)}`` for every tensor-parallel parameter; others are replicated."""
     plan: Dict[str, Tuple[str, int]] = {}
-    for name, mod in model.named_modules():
-        pre = f"{name}." if name else ""
-        if name == "embed":
-            plan["embed.weight"] = (VOCAB, 0)
-        elif name == "lm_head":
-            plan["lm_head.weight"] = (COLUMN, 0)
-        if isinstance(mod, StepLevel):
-            for lin in ("w_gate", "w_up"):
-                plan[f"{pre}mlp.{lin}.weight"] = (COLUMN, 0)
-            plan[f"{pre}mlp.w_down.weight"] = (ROW, 1)
-        for cls, names in _COLUMN.items():
-            if isinstance(mod, cls):
-                for lin in names:
-                    if hasattr(mod, lin):
-                        plan[f"{pre}{lin}.weight"] = (COLUMN, 0)
-                        if getattr(mod, lin).bias is not None:
-                            plan[f"{pre}{lin}.bias"] = (COLUMN, 0)
-                for lin in _ROW[cls]:
-                    plan[f"{pre}{lin}.weight"] = (ROW, 1)
-        if isinstance(mod, (SelfModifyingTitans, ContextLevel)):
-            for n, _ in mod.named_parameters():
-                if n.split(".")[0] in _HEAD_PARAMS + _HEAD_CHILDREN:
-                    plan[f"{pre}{n}"] = (HEADS, 0)
+    for path, style in module_plan(model).items():
+        if style in (REPLICATED, HEAD_SLICE):
+            continue
+        target = _get(model, path)
+        if isinstance(target, nn.Parameter):
+            plan[path] = (style, _DIM[style])
+        elif style == HEADS:
+            plan.update({f"{path}.{n}": (HEADS, 0) for n, _ in target.named_parameters()})
+        else:                                   # a linear layer or the embedding
+            plan[f"{path}.weight"] = (style, _DIM[style])
+            if style == COLUMN and getattr(target, "bias", None) is not None:
+                plan[f"{path}.bias"] = (COLUMN, 0)   # a row-parallel bias is added once, replicated
     return plan
+
+
+def _get(model: nn.Module, path: str):
+    owner = model
+    for part in path.split("."):
+        owner = owner[int(part)] if part.isdigit() else getattr(owner, part)
+    return owner
 
 
 class _Linear(nn.Module):
@@ -156,11 +169,9 @@ class ScatterHeads(nn.Module):
 
 def _shard_parameter(module: nn.Module, path: str, rank: int, size: int) -> None:
     from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
-    *parents, leaf = path.split(".")
-    owner = module
-    for p in parents:
-        owner = getattr(owner, p) if not p.isdigit() else owner[int(p)]
-    old = getattr(owner, leaf) if not leaf.isdigit() else owner[int(leaf)]
+    parent_path, _, leaf = path.rpartition(".")
+    owner = _get(module, parent_path) if parent_path else module
+    old = owner[int(leaf)] if leaf.isdigit() else getattr(owner, leaf)
     new = nn.Parameter(_slice(old, 0, rank, size), requires_grad=old.requires_grad)
     set_tensor_model_parallel_attributes(new, True, 0, 1)
     if leaf.isdigit():
@@ -169,42 +180,45 @@ def _shard_parameter(module: nn.Module, path: str, rank: int, size: int) -> None
         setattr(owner, leaf, new)
 
 
-def apply_tensor_parallel(model: nn.Module) -> nn.Module:
-    """Shard ``model`` (a full :class:`LanguageModel`, identical on every TP rank) in place."""
-    from megatron.core import parallel_state as ps
+def _set_child(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    setattr(_get(model, parent_path) if parent_path else model, leaf, new)
+
+
+def _vocab_parallel(full: nn.Embedding, rank: int, size: int, config) -> nn.Module:
     from megatron.core.tensor_parallel import VocabParallelEmbedding
-    size, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    if size == 1:
-        return model
-    config = _mp_config()
-    plan = shard_plan(model)
-    linears = {n.rsplit(".", 1)[0]: style for n, (style, _) in plan.items()
-               if style in (COLUMN, ROW) and n.endswith(".weight")}
-    for name, style in linears.items():
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, _parallel_linear(getattr(parent, leaf), style, rank, size, config))
-    for name, (style, _) in plan.items():
-        if style == HEADS:
-            _shard_parameter(model, name, rank, size)
-    for mod in model.modules():
-        if isinstance(mod, (SelfModifyingTitans, ContextLevel, Attention)):
-            heads = mod.n_heads if isinstance(mod, Attention) else mod.H
-            local = heads // size
-            if isinstance(mod, Attention):
-                mod.n_heads = local
-            else:
-                mod.H = local
-            if isinstance(mod, ContextLevel):
-                mod.local_heads = ScatterHeads()
-    full = model.embed
     emb = VocabParallelEmbedding(full.num_embeddings, full.embedding_dim, init_method=nn.init.zeros_,
                                  config=config)
     with torch.no_grad():
         emb.weight.copy_(_slice(full.weight, 0, rank, size))
     _mark_sharded(emb.weight, 0)
-    model.embed = emb.to(full.weight.dtype)
-    model.tensor_parallel = size
+    return emb.to(full.weight.dtype)
+
+
+def tensor_parallel_size() -> int:
+    from megatron.core import parallel_state as ps
+    return ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+
+
+def apply_tensor_parallel(model: nn.Module) -> nn.Module:
+    """Shard ``model`` (a full :class:`LanguageModel`, identical on every TP rank) in place, as its
+    modules' ``tp_plan`` says."""
+    from megatron.core import parallel_state as ps
+    size, rank = tensor_parallel_size(), ps.get_tensor_model_parallel_rank()
+    if size == 1:
+        return model
+    config = _mp_config()
+    params = shard_plan(model)
+    for path, style in module_plan(model).items():
+        if style in (COLUMN, ROW):
+            _set_child(model, path, _parallel_linear(_get(model, path), style, rank, size, config))
+        elif style == VOCAB:
+            _set_child(model, path, _vocab_parallel(_get(model, path), rank, size, config))
+        elif style == HEAD_SLICE:
+            _set_child(model, path, ScatterHeads())
+    for name, (style, _) in params.items():
+        if style == HEADS:
+            _shard_parameter(model, name, rank, size)
     return model
 
 
@@ -219,7 +233,7 @@ def parallel_loss(model: nn.Module, input_ids, labels, doc_ids=None, token_count
     h = model.hidden(input_ids, doc_ids)
     mask = labels != -100
     count = mask.sum() if token_count is None else token_count
-    if getattr(model, "tensor_parallel", 1) == 1:
+    if tensor_parallel_size() == 1:
         logits = model.logits(h)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()

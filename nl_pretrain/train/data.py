@@ -18,11 +18,11 @@ class DataSource:
     loader: Optional[object] = None
 
 
-def build_data(cfg, micro_batch_size: int, seed: int, dp_rank: int = 0, dp_size: int = 1,
+def build_data(d, micro_batch_size: int, seed: int, dp_rank: int = 0, dp_size: int = 1,
                state: Optional[dict] = None) -> DataSource:
-    """Training batches (and a held-out iterator factory); ``state`` (a checkpoint's data state, a
-    global position) continues where that run stopped, whatever its data-parallel size was."""
-    d = cfg.data
+    """Training batches (and a held-out iterator factory) of the data section ``d``; ``state`` (a
+    checkpoint's data state, a global position) continues where that run stopped, whatever its
+    data-parallel size was."""
     if d.dataset:
         if not Path(d.dataset).is_dir():
             raise FileNotFoundError(f"data.dataset '{d.dataset}' does not exist; prepare it first with "

@@ -1,4 +1,4 @@
-"""Failure handling shared by the single-process loop and the distributed trainer: what a
+"""Failure handling of the training loop (every layout): what a
 non-finite loss leads to (``train.on_nan``), and fault injection for the tests of it."""
 from __future__ import annotations
 
@@ -27,13 +27,14 @@ def maybe_kill(step: int, rank: int, run_dir: Path) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def handle_nan(cfg, step: int, loss: float, streak: int, rank: int) -> str:
-    """What a non-finite step leads to: ``skip`` | ``rollback``, or a FloatingPointError (stop)."""
-    policy = cfg.train.on_nan
-    if policy == "stop" or streak > cfg.train.max_nan_steps:
-        why = (f"{streak} non-finite steps in a row (train.max_nan_steps={cfg.train.max_nan_steps})"
+def handle_nan(train_cfg, lr: float, step: int, loss: float, streak: int, rank: int) -> str:
+    """What a non-finite step leads to under the train section's ``on_nan``: ``skip`` | ``rollback``,
+    or a FloatingPointError (stop). ``lr``: the configured learning rate, named in the error."""
+    policy = train_cfg.on_nan
+    if policy == "stop" or streak > train_cfg.max_nan_steps:
+        why = (f"{streak} non-finite steps in a row (train.max_nan_steps={train_cfg.max_nan_steps})"
                if policy != "stop" else "train.on_nan=stop")
-        raise FloatingPointError(f"loss is {loss} at step {step}: {why}; lower --optim.lr (now {cfg.optim.lr}), "
+        raise FloatingPointError(f"loss is {loss} at step {step}: {why}; lower --optim.lr (now {lr}), "
                                  f"check the data, or resume from a checkpoint with --train.resume=auto")
     if rank == 0:
         action = ("step skipped (weights, optimizer and CMS accumulators unchanged)" if policy == "skip"

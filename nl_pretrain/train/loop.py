@@ -1,6 +1,17 @@
-"""The single-process training loop: data -> model -> AdamW(+CMS step levels) -> logs, eval, checkpoint."""
+"""The training loop, one for every layout: :func:`fit` over a train module.
+
+:func:`fit` owns what does not depend on where the model lives: resume, the non-finite-loss policy
+(``train.on_nan``), logging (metrics.jsonl, TensorBoard, progress), held-out evaluation, the
+checkpoint cadence and the summary. What one step computes is the train module's
+(:mod:`nl_pretrain.train.module`): :class:`~nl_pretrain.train.module.LocalModule` (model and
+optimizer in one process, :func:`train`) or
+:class:`~nl_pretrain.parallel.trainer.DistributedTrainer` (megatron-core tensor parallel + the
+DeepSpeed engine, pipeline; :func:`~nl_pretrain.parallel.trainer.train_distributed`). Every layout
+therefore logs the same metrics and runs the same checks.
+"""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -11,9 +22,7 @@ import numpy as np
 import torch
 
 from nl_pretrain.config import RunConfig, dump_config
-from nl_pretrain.model import LanguageModel
-from nl_pretrain.optim import ModelOptimizer, lr_at
-from nl_pretrain.train.data import build_data
+from nl_pretrain.optim import lr_at
 from nl_pretrain.train.flops import device_peak_tflops, flops_per_token
 
 
@@ -29,27 +38,6 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but no CUDA device is visible; use --train.device=cpu")
     return torch.device(name)
-
-
-@torch.no_grad()
-def evaluate(model, batches, device, n_batches: int, autocast) -> dict:
-    model.eval()
-    total, count = 0.0, 0
-    for i, b in enumerate(batches):
-        if i >= n_batches:
-            break
-        labels = b["labels"].to(device)
-        with autocast():
-            logits = model(b["input_ids"].to(device), b["doc_ids"].to(device))
-        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1),
-                                                 ignore_index=-100, reduction="sum")
-        total += float(loss)
-        count += int((labels != -100).sum())
-    model.train()
-    if count == 0:
-        return {}
-    val = total / count
-    return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0)), "val_tokens": count}
 
 
 class MetricsLog:
@@ -76,136 +64,151 @@ class MetricsLog:
             self.tb.close()
 
 
-def train(cfg: RunConfig) -> dict:
-    """One process: train ``cfg``, holding its run directory (and checkpoint dir) for the whole run."""
-    from nl_pretrain.checkpoint.manager import check_checkpoint_config
-    from nl_pretrain.train.rundir import RunDirLock, run_dirs
-    check_checkpoint_config(cfg)
-    with RunDirLock(run_dirs(cfg)):
-        return _train(cfg)
+class _Log:
+    """Rank 0 writes (metrics, progress bar, lines); other ranks keep quiet."""
+
+    def __init__(self, cfg: RunConfig, main: bool, start_step: int):
+        self.main, self.cfg = main, cfg
+        self.metrics = self.bar = None
+        if main:
+            from tqdm import tqdm
+            self.metrics = MetricsLog(Path(cfg.train.run_dir))
+            self.bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not cfg.train.progress,
+                            dynamic_ncols=True, unit="step")
+
+    def write(self, step: int, values: dict) -> None:
+        if self.main:
+            self.metrics.write(step, values)
+
+    def say(self, text: str) -> None:
+        if self.main:
+            self.bar.write(text) if self.cfg.train.progress else print(text, flush=True)
+
+    def advance(self, n: int) -> None:
+        if self.main:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.main:
+            self.bar.close()
+            self.metrics.close()
 
 
-def _train(cfg: RunConfig) -> dict:
+def evaluate(module, make_val, n_batches: int) -> dict:
+    """Held-out loss and perplexity over ``n_batches`` micro-batches (collective for engines)."""
+    total, count = module.eval_sums(list(itertools.islice(make_val(), n_batches)))
+    if count == 0:
+        return {}
+    val = total / count
+    return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0)), "val_tokens": count}
+
+
+def fit(cfg: RunConfig, module) -> dict:
+    """Train ``module`` (a train module, see :mod:`nl_pretrain.train.module`) for ``cfg.train.steps``."""
     from nl_pretrain.checkpoint.manager import Checkpointer
-    from nl_pretrain.checkpoint.state import LocalAccess
-    from nl_pretrain.train.faults import fault_steps, handle_nan
+    from nl_pretrain.train.faults import handle_nan, maybe_kill
     from nl_pretrain.train.rundir import write_text_atomic
-    t_cfg = cfg.train
-    if t_cfg.threads:
-        torch.set_num_threads(t_cfg.threads)
-    seed_everything(t_cfg.seed)
-    device = pick_device(t_cfg.device)
-    model = LanguageModel(cfg.model).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    opt = ModelOptimizer(model, cfg.optim, cfg.model.cms)
-    ckpt = Checkpointer(cfg, LocalAccess(model, opt), {"rank": 0, "world": 1, "tp": 0, "tp_size": 1, "pp": 0,
-                                                        "dp": 0, "dp_size": 1}, plan={})
-    start_step, data_state = 0, None
-    if t_cfg.resume:
-        path = ckpt.find(t_cfg.resume)
+    t = cfg.train
+    main = module.rank == 0
+    run_dir = Path(t.run_dir)
+    ckpt = Checkpointer(cfg, module.access(), module.coords(), module.plan, module.layout_dict())
+    step, data_state = 0, None
+    if t.resume:
+        path = ckpt.find(t.resume)
         if path is None:
-            print(f"resume: no complete checkpoint under {ckpt.root}; starting at step 0")
+            if main:
+                print(f"resume: no complete checkpoint under {ckpt.root}; starting at step 0", flush=True)
         else:
             common = ckpt.load(path)
-            start_step, data_state = common["step"], common["data"]
-            note = "" if common["same_layout"] else f" (saved under {common['layout']})"
-            print(f"resumed from {path} at step {start_step}{note}")
-    data = build_data(cfg, t_cfg.micro_batch_size, t_cfg.seed, state=data_state)
+            step, data_state = common["step"], common["data"]
+            if main:
+                note = "" if common["same_layout"] else f" (saved under {common['layout']}, now {module.describe()})"
+                print(f"resumed from {path} at step {step}{note}", flush=True)
+    data = module.data(data_state)
     if data.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's vocabulary "
                          f"({data.vocab_size}); set --model.vocab_size={data.vocab_size}")
-    run_dir = Path(t_cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
-
-    tokens_per_step = t_cfg.micro_batch_size * t_cfg.grad_accum * cfg.data.seq_len
-    fpt = flops_per_token(cfg.model, n_params, cfg.data.seq_len)
-    peak = device_peak_tflops(device)
-    bf16 = t_cfg.precision == "bf16"
-    nan_steps = fault_steps("NL_PRETRAIN_FAULT_NAN_STEPS")
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-    print(f"model {cfg.model.preset or cfg.model.family}: {n_params:,} parameters on {device}; {data.description}")
-    print(f"run dir {run_dir}; {t_cfg.steps} steps x {tokens_per_step} tokens")
-    log = MetricsLog(run_dir)
-    from tqdm import tqdm
-    bar = tqdm(total=t_cfg.steps, initial=start_step, disable=not t_cfg.progress, dynamic_ncols=True, unit="step")
-    summary = {"parameters": n_params, "nan_events": []}
-    window_tokens, window_start, start = 0, time.perf_counter(), time.perf_counter()
-    loss_hist = []
-    step, nan_streak = start_step, 0
-    while step < t_cfg.steps:
-        lr = lr_at(step, cfg.optim, t_cfg.steps)
-        step_loss = 0.0
-        for j in range(t_cfg.grad_accum):
-            b = next(data.train)
-            with autocast():
-                loss = model.loss(b["input_ids"].to(device), b["labels"].to(device), b["doc_ids"].to(device))
-            if step in nan_steps and j == 0:     # fault injection (tests), once per step number
-                nan_steps.discard(step)
-                loss = loss * float("inf")
-            (loss / t_cfg.grad_accum).backward()
-            step_loss += float(loss.detach()) / t_cfg.grad_accum
-        if not math.isfinite(step_loss):
+    tokens_per_step = module.global_batch * cfg.data.seq_len
+    fpt = flops_per_token(cfg.model, module.n_params, cfg.data.seq_len)
+    peak = device_peak_tflops(module.device) * module.world
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+        print(f"model {cfg.model.preset or cfg.model.family}: {module.n_params:,} parameters on "
+              f"{module.device}; {data.description}", flush=True)
+        print(f"{module.describe()}; run dir {run_dir}; {t.steps} steps x {tokens_per_step} tokens", flush=True)
+    log = _Log(cfg, main, step)
+    start = window = time.perf_counter()
+    losses, window_steps, nan_streak, summary = [], 0, 0, {"parameters": module.n_params, "nan_events": []}
+    while step < t.steps:
+        maybe_kill(step, module.rank, run_dir)
+        lr = lr_at(step, cfg.optim, t.steps)
+        loss = module.train_step(step, [next(data.train) for _ in range(t.grad_accum)])
+        if not module.last_step_finite:               # agreed over every rank
             nan_streak += 1
-            opt.zero_grad()                       # nothing of this step reaches the weights
-            action = handle_nan(cfg, step, step_loss, nan_streak, 0)
-            if action == "rollback":
+            if handle_nan(t, cfg.optim.lr, step, loss, nan_streak, module.rank) == "rollback":
+                ckpt.wait()
                 path = ckpt.find("auto")
                 if path is None:
-                    raise FloatingPointError(f"loss is {step_loss} at step {step} and there is no checkpoint "
-                                             f"under {ckpt.root} to roll back to")
+                    raise FloatingPointError(f"loss is {loss} at step {step} and there is no checkpoint under "
+                                             f"{ckpt.root} to roll back to")
                 back = ckpt.load(path)["step"]
                 summary["nan_events"].append({"step": step, "event": "rollback", "to_step": back})
-                log.write(step + 1, {"nan_event": "rollback", "loss": step_loss, "rolled_back_to": back})
-                bar.update(back - step)
-                step = back
+                log.write(step + 1, {"nan_event": "rollback", "loss": loss, "rolled_back_to": back})
+                log.advance(back - step)
+                step = back                     # the data position stays: the batches since are skipped
                 continue
             summary["nan_events"].append({"step": step, "event": "skip"})
-            log.write(step + 1, {"nan_event": "skip", "loss": step_loss})
+            log.write(step + 1, {"nan_event": "skip", "loss": loss})
+            log.advance(1)
             step += 1
-            bar.update(1)
             continue
         nan_streak = 0
-        grad_norm = opt.step(step, lr)
-        opt.zero_grad()
-        loss_hist.append(step_loss)
-        window_tokens += tokens_per_step
-        bar.update(1)
+        losses.append(loss)
+        window_steps += 1
         step += 1
-        if step % t_cfg.log_every == 0 or step == t_cfg.steps:
+        log.advance(1)
+        if step % t.log_every == 0 or step == t.steps:
             now = time.perf_counter()
-            tps = window_tokens / max(now - window_start, 1e-9)
-            recent = loss_hist[-t_cfg.log_every:]
-            rec = {"loss": sum(recent) / len(recent), "lr": lr,
-                   "grad_norm": grad_norm, "tokens_per_s": tps, "tokens": step * tokens_per_step,
-                   "elapsed_s": now - start}
+            recent = losses[-max(1, min(window_steps, len(losses))):]
+            tps = window_steps * tokens_per_step / max(now - window, 1e-9)
+            rec = {"loss": sum(recent) / len(recent), "lr": lr, "grad_norm": module.last_grad_norm,
+                   "tokens_per_s": tps, "tokens": step * tokens_per_step, "elapsed_s": now - start}
             if peak:
                 rec["mfu"] = tps * fpt / (peak * 1e12)
             log.write(step, rec)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
-            if not t_cfg.progress:
-                print(f"step {step}/{t_cfg.steps} loss {rec['loss']:.4f} lr {lr:.2e} tok/s {tps:,.0f}"
+            if main and t.progress:
+                log.bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
+            elif main:
+                print(f"step {step}/{t.steps} loss {rec['loss']:.4f} lr {lr:.2e} tok/s {tps:,.0f}"
                       + (f" mfu {rec['mfu']:.1%}" if peak else ""), flush=True)
-            window_tokens, window_start = 0, time.perf_counter()
-        if step % t_cfg.eval_every == 0 or step == t_cfg.steps:
-            ev = evaluate(model, data.make_val(), device, t_cfg.eval_batches, autocast)
+            window, window_steps = time.perf_counter(), 0
+        if step % t.eval_every == 0 or step == t.steps:
+            ev = evaluate(module, data.make_val, t.eval_batches)
             if ev:
                 log.write(step, ev)
                 summary.update(ev)
-                bar.write(f"step {step}: held-out loss {ev['val_loss']:.4f}, perplexity {ev['val_ppl']:.2f}")
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < t_cfg.steps:
+                log.say(f"step {step}: held-out loss {ev['val_loss']:.4f}, perplexity {ev['val_ppl']:.2f}")
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < t.steps:
             ckpt.save(step, step * tokens_per_step, data.state())
-    bar.close()
-    summary.update({"final_loss": loss_hist[-1] if loss_hist else float("nan"), "steps": t_cfg.steps,
-                    "losses": loss_hist, "elapsed_s": time.perf_counter() - start})
+    log.close()
+    summary.update({"final_loss": losses[-1] if losses else float("nan"), "steps": t.steps, "losses": losses,
+                    "layout": module.describe(), "elapsed_s": time.perf_counter() - start})
     if cfg.checkpoint.save_final:
-        ckpt.save(t_cfg.steps, t_cfg.steps * tokens_per_step, data.state())
+        ckpt.save(t.steps, t.steps * tokens_per_step, data.state())
         ckpt.wait()
         summary["checkpoint"] = str(ckpt.store.latest())
     ckpt.wait()
-    log.close()
-    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+    if main:
+        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def train(cfg: RunConfig) -> dict:
+    """One process: train ``cfg``, holding its run directory (and checkpoint dir) for the whole run."""
+    from nl_pretrain.checkpoint.manager import check_checkpoint_config
+    from nl_pretrain.train.module import LocalModule
+    from nl_pretrain.train.rundir import RunDirLock, run_dirs
+    check_checkpoint_config(cfg)
+    with RunDirLock(run_dirs(cfg)):
+        return fit(cfg, LocalModule(cfg))

@@ -6,7 +6,7 @@ import os
 import torch
 
 from nl_pretrain.config import build_config
-from workers import tiny_tree  # noqa: F401  (tests/parallel)
+from workers import tiny_tree, train_runs  # noqa: F401  (tests/parallel)
 
 
 def with_checkpoints(tree: dict, run_dir: str, every: int = 0, **extra) -> dict:
@@ -14,19 +14,6 @@ def with_checkpoints(tree: dict, run_dir: str, every: int = 0, **extra) -> dict:
     tree["train"] = {**tree["train"], "run_dir": run_dir, "log_every": 1, **extra.pop("train", {})}
     tree["checkpoint"] = {"every": every, "keep_last": 0, **extra.pop("checkpoint", {})}
     return tree
-
-
-def train_runs(trees, env=None):
-    """``train_distributed`` for each tree in turn on this rank; returns the summaries."""
-    from megatron.core import parallel_state as ps
-    from nl_pretrain.parallel.trainer import train_distributed
-    os.environ.update(env or {})
-    out = []
-    for tree in trees:
-        if ps.model_parallel_is_initialized():
-            ps.destroy_model_parallel()
-        out.append(train_distributed(build_config(tree)))
-    return out
 
 
 def skip_probe(trees, nan_step: int):

@@ -35,7 +35,7 @@ def reference_run(tree, global_micro: int):
     torch.manual_seed(cfg.train.seed)
     model = LanguageModel(cfg.model)
     opt = ModelOptimizer(model, cfg.optim, cfg.model.cms)
-    data = build_data(cfg, global_micro, cfg.train.seed).train
+    data = build_data(cfg.data, global_micro, cfg.train.seed).train
     losses = []
     for step in range(cfg.train.steps):
         total = 0.0
@@ -118,6 +118,20 @@ def distributed_runs(trees):
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         out.append(distributed_run(tree))
+    return out
+
+
+def train_runs(trees, env=None):
+    """``train_distributed`` (the one loop, ``fit``) for each tree in turn on this rank; the summaries."""
+    import os
+    from megatron.core import parallel_state as ps
+    from nl_pretrain.parallel.trainer import train_distributed
+    os.environ.update(env or {})
+    out = []
+    for tree in trees:
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        out.append(train_distributed(build_config(tree)))
     return out
 
 

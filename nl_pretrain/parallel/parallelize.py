@@ -1,0 +1,151 @@
+"""``parallelize``: the single-device model -> this rank's part of a TP x PP x DP job.
+
+Applied from outside the model, always in this order (each step needs the one before):
+
+1. **Tensor parallel** (:mod:`nl_pretrain.parallel.tensor`): keep this rank's shard of every tensor
+   as the modules' ``tp_plan`` declares. First, because everything after sees the local shapes.
+2. **Slow CMS step levels out of the engine's sight** (:mod:`nl_pretrain.parallel.cms_sync`): levels
+   of period k > 1 are replaced in their blocks by parameterless wrappers, so neither ZeRO nor the
+   bf16 optimizer nor the pipeline ever holds them; they keep their own optimizer and sync schedule.
+3. **Activation checkpointing**: each of this stage's blocks is wrapped by :class:`Checkpointed`
+   (recomputed in the backward). After 2, so the hidden levels are recomputed with their block.
+4. **The engine**: the model as a DeepSpeed ``PipelineModule`` (``parallel.pipeline > 1``) or as a
+   :class:`LossModule`, with ZeRO-3's external parameters registered, inside ``deepspeed.initialize``
+   with a client AdamW (parameter groups as in the single-process optimizer), ZeRO over the DP group,
+   bf16 and gradient accumulation. Last, because DeepSpeed takes the modules as they are then.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List
+
+import torch
+import torch.nn as nn
+
+from nl_pretrain.optim.optimizer import _param_groups
+from nl_pretrain.parallel.cms_sync import StepLevelSync
+from nl_pretrain.parallel.tensor import apply_tensor_parallel, parallel_loss
+from nl_pretrain.parallel.topology import DeepSpeedMPU, Layout, stage_layers
+
+
+def deepspeed_config(cfg, layout: Layout) -> dict:
+    zero = {"stage": layout.zero_stage}
+    if layout.zero_stage == 3:
+        zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
+    return {
+        "train_micro_batch_size_per_gpu": layout.micro_batch,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "train_batch_size": layout.global_batch,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class Checkpointed(nn.Module):
+    """A block recomputed in the backward (``deepspeed.checkpointing.checkpoint``); plain without grad."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return self.block(x)
+        import deepspeed
+        return deepspeed.checkpointing.checkpoint(self.block, x)
+
+
+class LossModule(nn.Module):
+    """What the DeepSpeed engine runs: the language model and its (vocab-parallel) loss."""
+
+    def __init__(self, model: nn.Module, bf16: bool = False):
+        super().__init__()
+        self.model, self.bf16 = model, bf16
+
+    def forward(self, input_ids, labels, doc_ids, token_count):
+        # bf16 engine: weights are bf16; autocast lines up the dtypes at every matmul while the
+        # memory kernels keep their state in fp32 (as in the single-process bf16 path)
+        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return parallel_loss(self.model, input_ids, labels, doc_ids, token_count)
+
+
+def _zero3_external_parameters(wrapper: LossModule) -> None:
+    """ZeRO-3 gathers a module's own parameters around its forward; parameters read by a parent's
+    forward (memory initial states, the tied output embedding) must be registered with that parent."""
+    from deepspeed.runtime.zero import register_external_parameter
+    from nl_pretrain.model.cms import ContextLevel
+    from nl_pretrain.model.memories import MemoryInit
+    from nl_pretrain.model.smt import SelfModifyingTitans
+    model = wrapper.model
+    for mod in model.modules():
+        if isinstance(mod, (SelfModifyingTitans, ContextLevel)):
+            for child in mod.modules():
+                if isinstance(child, MemoryInit):
+                    for p in child.parameters():
+                        register_external_parameter(mod, p)
+    if model.lm_head is None:
+        register_external_parameter(wrapper, model.embed.weight)
+
+
+def _every_step_groups(model: nn.Module, named: List[tuple], weight_decay: float) -> list:
+    """Parameter groups as in ModelOptimizer: decay / no decay, and a group per period-1 step level
+    with its own ``lr_scale``."""
+    from nl_pretrain.model.cms import StepLevel
+    scale = {id(p): mod.lr_scale for mod in model.modules() if isinstance(mod, StepLevel) and mod.lr_scale != 1.0
+             for p in mod.parameters()}
+    groups = _param_groups([(n, p) for n, p in named if id(p) not in scale], weight_decay)
+    for s in sorted(set(scale.values())):
+        groups += _param_groups([(n, p) for n, p in named if scale.get(id(p)) == s], weight_decay, s)
+    return groups
+
+
+@dataclass
+class Parallelized:
+    engine: object                  # the DeepSpeed engine (a PipelineEngine when pipeline > 1)
+    slow: StepLevelSync             # slow CMS step levels beside it
+    names: Dict[int, str]           # id(parameter) -> its name in the single-device model
+    engine_named: List[tuple]       # (name, parameter) of what the engine holds
+    block_ids: List[int]            # this pipeline stage's blocks
+
+
+def parallelize(model: nn.Module, cfg, layout: Layout, device: torch.device) -> Parallelized:
+    """Make ``model`` (the full single-device model, identical on every rank) this rank's part."""
+    import deepspeed
+    from megatron.core import parallel_state as ps
+    from nl_pretrain.parallel.random import seed_model_parallel
+
+    # 1. tensor parallel: this rank's shard of every tensor, then the per-rank random streams
+    apply_tensor_parallel(model)
+    seed_model_parallel(cfg.train.seed)
+    model.to(device)
+    # global parameter names (this rank's tensor-parallel shard of each), whatever wraps them later
+    names = {id(p): n.replace(".inner.", ".") for n, p in model.named_parameters()}
+    stages = [list(stage_layers(cfg.model.n_layers, layout.pp, s)) for s in range(layout.pp)]
+    block_ids = stages[ps.get_pipeline_model_parallel_rank()]
+    # 2. slow CMS step levels: out of the engine, synced over DP on their own update steps
+    norm_group = ps.get_model_parallel_group() if layout.tp * layout.pp > 1 else None
+    slow = StepLevelSync([(i, model.blocks[i]) for i in block_ids], cfg.optim, cfg.model.cms,
+                         ps.get_data_parallel_group(), norm_group)
+    # 3. activation checkpointing: wrap this stage's blocks
+    if cfg.parallel.activation_checkpointing:
+        for i in block_ids:
+            model.blocks[i] = Checkpointed(model.blocks[i])
+    # 4. the engine
+    bf16 = cfg.train.precision == "bf16"
+    if layout.pp > 1:
+        from nl_pretrain.parallel.pipeline import build_pipeline
+        module, mpu = build_pipeline(model, layout, stages, bf16=bf16), None   # the engine builds its grid
+    else:
+        module, mpu = LossModule(model, bf16=bf16), DeepSpeedMPU()
+        if layout.zero_stage == 3:
+            _zero3_external_parameters(module)
+    named = [(names[id(p)], p) for p in module.parameters()]
+    o = cfg.optim
+    opt = torch.optim.AdamW(_every_step_groups(model, named, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+                            eps=o.eps)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=deepspeed_config(cfg, layout),
+                                           mpu=mpu, model_parameters=[p for _, p in named])
+    return Parallelized(engine, slow, names, named, block_ids)
