@@ -42,6 +42,13 @@ Precision: states, momenta, decay, workspaces and every accumulation fp32; k, q,
 (cast to fp32 right after loading). Dots: IEEE fp32 for fp32 inputs (TF32 when torch allows TF32
 matmuls), TF32 for bf16 inputs (:func:`kernels.memory.triton_impl._dot_precision`). Returns fp32.
 
+Status: equal to sequence_torch in the Triton interpreter (fp32 errors 4e-8 .. 6e-7, every
+gradient); compiles for sm_90 (``triton.compile``, no device) on triton 3.9 and 3.6: at chunk 64,
+32-wide tiles, 8 warps, tf32 dots: forward 255 registers + 2.2 KiB spill stack, 80 KiB shared;
+backward 255 + 5.6 KiB, 108 KiB shared (IEEE fp32 backward: 120 KiB shared). No GPU run yet: speed
+unmeasured. One CTA per row means only N programs in flight (N = batch x heads); the backward
+recomputes the W2 forward of each chunk (about a third more work than storing its reads).
+
 Limits: chunk <= 64 (``triton_impl.MAX_CHUNK``); any widths (masked tiles; tl.dot tiles >= 16);
 ``self_targets`` needs ``d_in == d_out``. Offsets inside the kernel are int32: each state buffer
 ``(T/C + 1) * N * d_out * h`` and token tensor must stay below 2^31 elements.
