@@ -93,9 +93,12 @@ def _query_coefficients(co, K, Q):
     return dict(DpAq=co["Dp"] * Aq, GpAq=co["Gp"] * Aq)
 
 
-def chunk_at(co, j: int):
-    """The coefficients of chunk ``j`` from a set built for ``(N, n_chunks, ...)``."""
-    return {k: (v[:, j] if isinstance(v, torch.Tensor) else v) for k, v in co.items()}
+def per_chunk(co, n_chunks: int):
+    """Split a set built for ``(N, n_chunks, ...)`` into one set per chunk. ``unbind`` once (its
+    backward is one stack) rather than indexing chunk by chunk (each index's backward would write a
+    zero tensor of the whole set)."""
+    parts = {k: (v.unbind(1) if isinstance(v, torch.Tensor) else (v,) * n_chunks) for k, v in co.items()}
+    return [{k: parts[k][j] for k in co} for j in range(n_chunks)]
 
 
 def _mix(x: torch.Tensor, gmask: Optional[torch.Tensor]) -> torch.Tensor:

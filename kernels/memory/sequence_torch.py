@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from kernels.memory.chunk_torch import affine_apply, chunk_at, chunk_coefficients
+from kernels.memory.chunk_torch import affine_apply, chunk_coefficients, per_chunk
 from kernels.memory.spec import MemorySpec, compose_chunk, linear_write, memory_read
 
 
@@ -46,27 +46,35 @@ def memory_sequence(spec: MemorySpec, state, mom, k, vhat, eta, alpha, beta, q, 
     def blocks(x):
         return None if x is None else x[:, :n_full * chunk].reshape(N, n_full, chunk, *x.shape[2:])
 
-    full = None
+    full = []
     if n_full:
-        full = chunk_coefficients(blocks(alpha.log()), b[:, None].expand(N, n_full, 1) if b is not None else None,
-                                  blocks(k), blocks(q), blocks(c_all), blocks(rho_all))
+        full = per_chunk(chunk_coefficients(blocks(alpha.log()), b[:, None].expand(N, n_full, 1) if b is not None
+                                            else None, blocks(k), blocks(q), blocks(c_all), blocks(rho_all)), n_full)
+    # split once: each slice's backward would write a zero tensor of the whole sequence
+    pieces = [_chunks(x, chunk, T) for x in (k, q, vhat, eta, alpha, c_all, rho_all)]
     outs = []
-    for j, s in enumerate(range(0, T, chunk)):
-        sl = slice(s, min(s + chunk, T))
-        kc, qc = k[:, sl], (q[:, sl] if q is not None else None)
+    for j, (kc, qc, vc, ec, ac, cc, rc) in enumerate(zip(*pieces)):
         if j < n_full:
-            co = chunk_at(full, j)
+            co = full[j]
         else:                                                    # the short last chunk
-            co = chunk_coefficients(alpha[:, sl].log(), b, kc, qc, *(x[:, sl] if x is not None else None
-                                                                    for x in (c_all, rho_all)))
+            co = chunk_coefficients(ac.log(), b, kc, qc, cc, rc)
         co_h = {key: v for key, v in co.items() if key not in ("DpA", "GpA", "DpAq", "GpAq")}
         co_h.update(c=None, rho=None, T=None)                     # an MLP's W1: key h, no erase term
-        target = memory_read(spec, state, l2norm(vhat[:, sl])) if self_targets else vhat[:, sl]
+        target = memory_read(spec, state, l2norm(vc)) if self_targets else vc
         affine = (lambda W0, S0, K, Q, c, rho, w, la, bb, co=co: affine_apply(co, W0, S0, K, Q, w),
                   lambda W0, S0, K, Q, c, rho, w, la, bb, co=co_h: affine_apply(co, W0, S0, K, Q, w))
-        o, state, mom = compose_chunk(spec, affine, state, mom, kc, target, eta[:, sl], alpha[:, sl], beta, qc)
+        o, state, mom = compose_chunk(spec, affine, state, mom, kc, target, ec, ac, beta, qc)
         outs.append(o)
     return (torch.cat(outs, 1) if q is not None else None), state, mom
+
+
+def split(x, chunk: int):
+    """``x`` cut along time into chunks (views); a list of Nones for ``x = None``."""
+    return torch.split(x, chunk, dim=1) if x is not None else None
+
+
+def _chunks(x, chunk: int, T: int):
+    return split(x, chunk) if x is not None else [None] * (-(-T // chunk))
 
 
 def projection_groups(d_h: int):
@@ -106,8 +114,7 @@ def projection_sequence(spec: MemorySpec, P, S, u, beta, eta_bias, alpha_bias, e
     dh, T = u.shape[-1], u.shape[1]
     groups = projection_groups(dh)
     pieces = []
-    for s in range(0, T, chunk):
-        uc = u[:, s:min(s + chunk, T)]
+    for uc in split(u, chunk):
         k, v, eta, alpha = projection_reads(P, uc, eta_bias, alpha_bias, eta_max)
         vhat = l2norm(v) @ P.transpose(1, 2)
         P, S = _stacked_write(spec, P, S, k, vhat, eta * update_eta_scale, alpha, beta, groups)
