@@ -98,45 +98,49 @@ def memory_chunk(spec: MemorySpec, state: State, mom: Optional[State], k, vhat, 
 
 
 def memory_sequence(spec: MemorySpec, state: State, mom: Optional[State], k, vhat, eta, alpha, beta, q,
-                    chunk: int, self_targets: bool = False, impl: str = "torch"):
+                    chunk: int, self_targets: bool = False, impl: str = "torch", resets=None):
     """One memory over a whole sequence in chunks of ``chunk`` tokens (the last possibly short):
     ``(reads (N, T, d_out) or None, final state, final momentum)``. With ``self_targets`` the
     ``vhat`` argument holds ``v`` and each chunk's target is ``M_ref(l2norm(v))`` (Eq. 84-85).
     ``impl='triton'`` runs one launch forward and one backward for linear memories with state-free
-    writes and for MLP memories; other combinations run the per-chunk kernels in a loop."""
+    writes and for MLP memories; other combinations run the per-chunk kernels in a loop.
+    ``resets: (N, n_chunks)`` bool or None: chunk j of a row restarts from ``state``/``mom`` where
+    true (a packed document starts there)."""
     if spec.momentum != (mom is not None and beta is not None):
         raise ValueError(f"spec.momentum={spec.momentum} but mom/beta given={mom is not None}/{beta is not None}")
     if impl == "triton":
         from kernels.memory.triton_sequence import linear_memory_sequence, sequence_supported
+        kw = {} if resets is None else dict(resets=resets)
         if sequence_supported(spec) and not self_targets:
-            return linear_memory_sequence(spec, state, mom, k, vhat, eta, alpha, beta, q, chunk)
+            return linear_memory_sequence(spec, state, mom, k, vhat, eta, alpha, beta, q, chunk, **kw)
         mlp = _optional("kernels.memory.triton_mlp_sequence")
         if spec.kind == "mlp" and mlp is not None:
             return mlp.mlp_memory_sequence(spec, state, mom, k, vhat, eta, alpha, beta, q, chunk,
-                                           self_targets=self_targets)
+                                           self_targets=self_targets, **kw)
     from kernels.memory import sequence_torch
     if impl == "reference":
         return _fp32_torch(_reference_sequence, spec, state, mom, k, vhat, eta, alpha, beta, q, chunk,
-                           self_targets=self_targets)
+                           self_targets=self_targets, resets=resets)
     if impl == "triton":   # no whole-sequence kernel for this memory: the per-chunk kernels
-        return _chunk_loop(spec, state, mom, k, vhat, eta, alpha, beta, q, chunk, self_targets, impl)
+        return _chunk_loop(spec, state, mom, k, vhat, eta, alpha, beta, q, chunk, self_targets, impl, resets)
     return _fp32_torch(sequence_torch.memory_sequence, spec, state, mom, k, vhat, eta, alpha, beta, q, chunk,
-                       self_targets=self_targets)
+                       self_targets=self_targets, resets=resets)
 
 
 def projection_sequence(spec: MemorySpec, P, S, u, beta, eta_bias, alpha_bias, eta_max: float, chunk: int,
-                        update_eta_scale: float = 1.0, impl: str = "torch"):
+                        update_eta_scale: float = 1.0, impl: str = "torch", resets=None):
     """HOPE's self-modifying projection pass over a sequence (the stacked k, v, eta, alpha linear
     memories; contract in :func:`kernels.memory.sequence_torch.projection_sequence`):
     ``((k, v, eta, alpha), P_T, S_T)``. ``impl='triton'``: one launch forward, one backward."""
     if impl == "triton":
         proj = _optional("kernels.memory.triton_projection")
         if proj is not None:
+            kw = {} if resets is None else dict(resets=resets)
             return proj.projection_sequence(spec, P, S, u, beta, eta_bias, alpha_bias, eta_max, chunk,
-                                            update_eta_scale)
+                                            update_eta_scale, **kw)
     from kernels.memory import sequence_torch
     return _fp32_torch(sequence_torch.projection_sequence, spec, P, S, u, beta, eta_bias, alpha_bias, eta_max,
-                       chunk, update_eta_scale)
+                       chunk, update_eta_scale, resets=resets)
 
 
 @functools.lru_cache(maxsize=None)
@@ -148,12 +152,14 @@ def _optional(module: str):
         return None
 
 
-def _chunk_loop(spec, state, mom, k, vhat, eta, alpha, beta, q, chunk, self_targets, impl):
-    from kernels.memory.sequence_torch import l2norm
+def _chunk_loop(spec, state, mom, k, vhat, eta, alpha, beta, q, chunk, self_targets, impl, resets=None):
+    from kernels.memory.sequence_torch import l2norm, restart
     from kernels.memory.spec import memory_read
-    outs, T = [], k.shape[1]
-    for s in range(0, T, chunk):
+    outs, T, init = [], k.shape[1], (state, mom)
+    for j, s in enumerate(range(0, T, chunk)):
         sl = slice(s, min(s + chunk, T))
+        if resets is not None and j > 0:
+            state, mom = restart(resets[:, j], init, (state, mom))
         v = vhat[:, sl].float() if impl == "triton" else vhat[:, sl]      # the kernels' state is fp32
         target = memory_read(spec, state, l2norm(v)) if self_targets else v
         o, state, mom = memory_chunk(spec, state, mom, k[:, sl], target, eta[:, sl], alpha[:, sl], beta,
@@ -162,5 +168,5 @@ def _chunk_loop(spec, state, mom, k, vhat, eta, alpha, beta, q, chunk, self_targ
     return (torch.cat(outs, 1) if q is not None else None), state, mom
 
 
-def _reference_sequence(spec, state, mom, k, vhat, eta, alpha, beta, q, chunk, self_targets=False):
-    return _chunk_loop(spec, state, mom, k, vhat, eta, alpha, beta, q, chunk, self_targets, "reference")
+def _reference_sequence(spec, state, mom, k, vhat, eta, alpha, beta, q, chunk, self_targets=False, resets=None):
+    return _chunk_loop(spec, state, mom, k, vhat, eta, alpha, beta, q, chunk, self_targets, "reference", resets)

@@ -27,11 +27,13 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def memory_sequence(spec: MemorySpec, state, mom, k, vhat, eta, alpha, beta, q, chunk: int,
-                    self_targets: bool = False):
+                    self_targets: bool = False, resets=None):
     """``(reads (N,T,d_out) or None, final state, final momentum)`` of one memory over T tokens.
 
     ``k, q: (N, T, d_in)``; ``vhat: (N, T, d_out)`` (or ``v`` with ``self_targets``); ``eta, alpha:
     (N, T)``; ``beta: (N,)`` or None. Chunks of ``chunk`` tokens, the last one possibly short.
+    ``resets: (N, n_chunks)`` bool or None: where true, chunk j of that row starts again from the
+    given ``state`` and ``mom`` (a new document begins there; packed documents, column 0 ignored).
 
     Everything that does not depend on the state (decay matrices, key Grams, the triangular
     inverse of the weight that reads k) is built for all full chunks in one batched call before
@@ -52,8 +54,11 @@ def memory_sequence(spec: MemorySpec, state, mom, k, vhat, eta, alpha, beta, q, 
                                             else None, blocks(k), blocks(q), blocks(c_all), blocks(rho_all)), n_full)
     # split once: each slice's backward would write a zero tensor of the whole sequence
     pieces = [_chunks(x, chunk, T) for x in (k, q, vhat, eta, alpha, c_all, rho_all)]
+    init = (state, mom)
     outs = []
     for j, (kc, qc, vc, ec, ac, cc, rc) in enumerate(zip(*pieces)):
+        if resets is not None and j > 0:
+            state, mom = restart(resets[:, j], init, (state, mom))
         if j < n_full:
             co = full[j]
         else:                                                    # the short last chunk
@@ -66,6 +71,18 @@ def memory_sequence(spec: MemorySpec, state, mom, k, vhat, eta, alpha, beta, q, 
         o, state, mom = compose_chunk(spec, affine, state, mom, kc, target, ec, ac, beta, qc)
         outs.append(o)
     return (torch.cat(outs, 1) if q is not None else None), state, mom
+
+
+def restart(flags, init, carried):
+    """Per row: the initial ``(state, mom)`` where ``flags`` is true, else the carried ones."""
+    def pick(a, b):
+        if a is None:
+            return None
+        return tuple(torch.where(flags.view(-1, *([1] * (x.dim() - 1))), x, y) for x, y in zip(a, b))
+    (s0, m0), (s, m) = init, carried
+    if m0 is None and m is not None:
+        m0 = tuple(torch.zeros_like(x) for x in m)
+    return pick(s0, s), pick(m0, m)
 
 
 def split(x, chunk: int):
@@ -97,7 +114,7 @@ def projection_reads(P: torch.Tensor, u: torch.Tensor, eta_bias, alpha_bias, eta
 
 
 def projection_sequence(spec: MemorySpec, P, S, u, beta, eta_bias, alpha_bias, eta_max: float, chunk: int,
-                        update_eta_scale: float = 1.0):
+                        update_eta_scale: float = 1.0, resets=None):
     """The projection pass over T tokens: ``((k, v, eta, alpha), P_T, S_T)``.
 
     ``P, S: (N, 2 d_h + 2, d_h)`` (``S`` None without momentum); ``u: (N, T, d_h)``;
@@ -107,14 +124,18 @@ def projection_sequence(spec: MemorySpec, P, S, u, beta, eta_bias, alpha_bias, e
     (``spec``: a linear memory, any rule/loss/gradient point) with keys ``k``, learning rate
     ``eta * update_eta_scale`` and retention ``alpha``. Rows of a linear memory evolve independently
     given the keys, so the stacked write equals the four separate writes; only the momentum
-    coefficient differs per memory."""
+    coefficient differs per memory. ``resets``: as in :func:`memory_sequence`."""
     if spec.kind != "linear":
         raise ValueError("projection_sequence stacks linear projection memories; "
                          f"got kind={spec.kind} (use the per-memory chunk loop)")
     dh, T = u.shape[-1], u.shape[1]
     groups = projection_groups(dh)
     pieces = []
-    for uc in split(u, chunk):
+    init = ((P,), (S,) if S is not None else None)
+    for j, uc in enumerate(split(u, chunk)):
+        if resets is not None and j > 0:
+            (P,), mom = restart(resets[:, j], init, ((P,), (S,) if S is not None else None))
+            S = mom[0] if mom is not None else None
         k, v, eta, alpha = projection_reads(P, uc, eta_bias, alpha_bias, eta_max)
         vhat = l2norm(v) @ P.transpose(1, 2)
         P, S = _stacked_write(spec, P, S, k, vhat, eta * update_eta_scale, alpha, beta, groups)

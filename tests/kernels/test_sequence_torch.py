@@ -105,3 +105,63 @@ def test_stacked_projection_equals_memories_one_by_one(rule, loss, grad_at, mome
 def test_projection_sequence_rejects_mlp_memories():
     with pytest.raises(ValueError, match="stacks linear projection memories"):
         projection_sequence(MemorySpec(kind="mlp"), None, None, torch.zeros(1, 2, 3), None, None, None, 1.0, 2)
+
+
+def _segments(T, chunk, starts):
+    """Per chunk: True where a document starts (``starts`` are chunk indices)."""
+    n = -(-T // chunk)
+    flags = torch.zeros(n, dtype=torch.bool)
+    flags[list(starts)] = True
+    return flags
+
+
+@pytest.mark.parametrize("kind,rule,grad_at,momentum,self_targets", [
+    ("mlp", "gd", "chunk_start", True, True), ("mlp", "dgd", "chunk_start", False, False),
+    ("linear", "gd", "running", True, False), ("linear", "dgd", "chunk_start", True, True)])
+def test_resets_restart_documents(kind, rule, grad_at, momentum, self_targets):
+    """A row whose chunk 2 restarts gives, from there on, exactly what the document run alone gives;
+    a row without resets is untouched; gradients reach the initial state from both documents."""
+    spec = MemorySpec(kind=kind, rule=rule, grad_at=grad_at, momentum=momentum)
+    C, T = 4, 14                                    # documents: chunks 0-1 and chunks 2-3 (short)
+    ins = memory_inputs(spec, N=2, T=T, d=4, dtype=DT, seed=5)
+    resets = torch.stack([_segments(T, C, [2]), _segments(T, C, [])])
+
+    def packed():
+        r, st, mo = memory_sequence(spec, ins["state"], ins["mom"], ins["k"], ins["vhat"], ins["eta"], ins["alpha"],
+                                    ins["beta"], ins["q"], C, self_targets=self_targets, resets=resets)
+        return (r,) + tuple(st) + (tuple(mo) if mo is not None else ())
+
+    def alone():
+        whole = memory_sequence(spec, ins["state"], ins["mom"], ins["k"], ins["vhat"], ins["eta"], ins["alpha"],
+                                ins["beta"], ins["q"], C, self_targets=self_targets, impl="reference")
+        sl = slice(2 * C, T)
+        tail = memory_sequence(spec, ins["state"], ins["mom"], ins["k"][:, sl], ins["vhat"][:, sl], ins["eta"][:, sl],
+                               ins["alpha"][:, sl], ins["beta"], ins["q"][:, sl], C, self_targets=self_targets,
+                               impl="reference")
+        r = torch.stack([torch.cat([whole[0][0, :2 * C], tail[0][0]]), whole[0][1]])
+        st = tuple(torch.stack([a[0], b[1]]) for a, b in zip(tail[1], whole[1]))
+        mo = tuple(torch.stack([a[0], b[1]]) for a, b in zip(tail[2], whole[2])) if momentum else ()
+        return (r,) + st + mo
+    _check(packed, alone, flat_inputs(ins))
+
+
+@pytest.mark.parametrize("momentum", [True, False])
+def test_projection_resets_restart_documents(momentum):
+    spec = MemorySpec(kind="linear", rule="gd", loss="l2", grad_at="running", momentum=momentum)
+    C, T = 3, 10
+    ins = _projection_inputs(N=2, T=T, dh=3, momentum=momentum)
+    resets = torch.stack([_segments(T, C, [2]), _segments(T, C, [])])
+    args = lambda u: (spec, ins["P"], ins["S"], u, ins["beta"], ins["eta_bias"], ins["alpha_bias"], 0.7, C)  # noqa: E731
+
+    def packed():
+        (k, v, e, a), P, S = projection_sequence(*args(ins["u"]), resets=resets)
+        return (k, v, e, a, P) + ((S,) if S is not None else ())
+
+    def alone():
+        whole = projection_sequence(*args(ins["u"]))
+        tail = projection_sequence(*args(ins["u"][:, 2 * C:]))
+        outs = tuple(torch.stack([torch.cat([w[0, :2 * C], t[0]]), w[1]]) for w, t in zip(whole[0], tail[0]))
+        P = torch.stack([tail[1][0], whole[1][1]])
+        S = (torch.stack([tail[2][0], whole[2][1]]),) if momentum else ()
+        return outs + (P,) + S
+    _check(packed, alone, {k: v for k, v in ins.items() if v is not None})
