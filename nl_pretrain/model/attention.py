@@ -14,8 +14,11 @@ except Exception:  # not installed (always the case on CPU machines)
     flash_attn_func = None
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``q, k, v: (B, H, T, D)`` -> ``(B, H, T, D)``."""
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
+    """``q, k, v: (B, H, T, D)`` -> ``(B, H, T, D)``; ``mask: (B, 1, T, T)`` bool (packed documents)
+    replaces the plain causal mask."""
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
         return out.transpose(1, 2)
@@ -38,10 +41,11 @@ class Attention(nn.Module):
         """Heads this module holds (all of them, or a tensor-parallel rank's share)."""
         return self.w_q.weight.shape[0] // self.d_head
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:
         B, T, _ = x.shape
         split = lambda t: t.view(B, T, -1, self.d_head).transpose(1, 2)  # noqa: E731
-        q = rope(split(self.w_q(x)), self.rope_theta)
-        k = rope(split(self.w_k(x)), self.rope_theta)
-        out = causal_attention(q, k, split(self.w_v(x)))
+        pos = docs.position if docs is not None else None
+        q = rope(split(self.w_q(x)), self.rope_theta, pos)
+        k = rope(split(self.w_k(x)), self.rope_theta, pos)
+        out = causal_attention(q, k, split(self.w_v(x)), docs.attention_mask() if docs is not None else None)
         return self.w_o(out.transpose(1, 2).reshape(B, T, -1))

@@ -24,7 +24,7 @@ class StepLevel(nn.Module):
         self.period, self.lr_scale = level.period, level.lr_scale
         self.mlp = SwiGLU(d, max(1, int(round(level.expansion * d))))
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, docs=None) -> torch.Tensor:
         return self.mlp(z)
 
 
@@ -55,7 +55,11 @@ class ContextLevel(nn.Module):
         """Heads this level holds (all of them, or a tensor-parallel rank's share)."""
         return self.beta_logit.shape[0]
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    @property
+    def doc_alignment(self) -> int:
+        return self.period
+
+    def forward(self, z: torch.Tensor, docs=None) -> torch.Tensor:
         B, T, _ = z.shape
         impl = self.impl(z.device)
         keys = l2norm(to_rows(self.local_heads(z), self.H))              # unit keys keep the dgd write stable
@@ -68,7 +72,7 @@ class ContextLevel(nn.Module):
         state = self.init.expand(B)
         mom = tuple(torch.zeros_like(w) for w in state) if self.cfg.momentum else None
         reads, _, _ = memory_sequence(self.spec, state, mom, keys, targets, eta, alpha, beta, keys, self.period,
-                                      impl=impl)
+                                      impl=impl, resets=docs.resets(self.period, self.H) if docs is not None else None)
         return self.w_o(from_rows(reads, B))
 
 

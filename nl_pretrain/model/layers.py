@@ -1,6 +1,8 @@
 """Small shared layers: RMSNorm, rotary embeddings, SwiGLU, causal depthwise convolution."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -26,12 +28,14 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
-def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary position embedding on ``x: (B, H, T, D)`` with positions 0..T-1 (half-split layout)."""
+def rope(x: torch.Tensor, theta: float, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rotary position embedding on ``x: (B, H, T, D)`` (half-split layout) at positions 0..T-1, or
+    at ``positions: (B, T)`` (packed documents: each counts from its own start)."""
     T, D = x.shape[-2], x.shape[-1]
     half = D // 2
     freqs = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    ang = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * freqs[None]
+    pos = torch.arange(T, device=x.device) if positions is None else positions[:, None, :]
+    ang = pos.to(torch.float32)[..., None] * freqs
     cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:2 * half]
     rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
@@ -63,7 +67,15 @@ class CausalConv(nn.Module):
             self.weight[:, 0, -1] = 1.0
             self.weight.add_(0.02 * torch.randn_like(self.weight))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, C)
+    def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:  # x: (B, T, C)
         T = x.shape[1]
-        y = F.conv1d(x.transpose(1, 2), self.weight, padding=self.kernel - 1, groups=x.shape[-1])
-        return y[..., :T].transpose(1, 2)
+        if docs is None:
+            y = F.conv1d(x.transpose(1, 2), self.weight, padding=self.kernel - 1, groups=x.shape[-1])
+            return y[..., :T].transpose(1, 2)
+        # packed documents: a tap that reaches into the previous document reads zero
+        w = self.weight[:, 0]                                          # (C, K), tap K-1 is the newest
+        y = x * w[:, -1]
+        for lag in range(1, self.kernel):
+            shifted = F.pad(x, (0, 0, lag, 0))[:, :T]
+            y = y + (shifted * docs.conv_mask(lag)) * w[:, -1 - lag]
+        return y

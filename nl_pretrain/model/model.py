@@ -34,10 +34,11 @@ class Block(nn.Module):
         self.level_norms = nn.ModuleList(RMSNorm(cfg.d_model, cfg.norm_eps) for _ in cfg.cms)
         self.levels = nn.ModuleList(build_level(cfg, lvl) for lvl in cfg.cms)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = x + self.mixer(self.norm(x))
+    def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:
+        """``docs``: the packed-document layout of ``x`` (:class:`nl_pretrain.model.packing.Documents`)."""
+        z = x + self.mixer(self.norm(x), docs)
         for norm, level in zip(self.level_norms, self.levels):
-            z = z + level(norm(z))                      # CMS chain (Eq. 70)
+            z = z + level(norm(z), docs)                 # CMS chain (Eq. 70)
         return z
 
 

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.memory import memory_chunk, memory_read, memory_sequence, projection_sequence
+from kernels.memory.sequence_torch import restart
 from nl_pretrain.model.layers import CausalConv, l2norm
 from nl_pretrain.model.memories import MemoryInit, ResolvedImpl, from_rows, make_spec, to_rows
 from nl_pretrain.model.sharding import COLUMN, HEADS, ROW
@@ -80,17 +81,17 @@ class SelfModifyingTitans(nn.Module):
         return self.eta_bias.shape[0]
 
     # -- pieces shared with the sequential reference -------------------------------------------
-    def queries(self, x):
-        return l2norm(to_rows(F.silu(self.conv_q(self.w_q(x))), self.H))
+    def queries(self, x, docs=None):
+        return l2norm(to_rows(F.silu(self.conv_q(self.w_q(x), docs)), self.H))
 
-    def inputs(self, x):
+    def inputs(self, x, docs=None):
         """Adaptive: rows of ``u``. Static: rows of ``(k, v, eta, alpha)``."""
         if self.adaptive:
             # u is l2-normalised (like q): reads of the projection memories stay bounded by their
             # state, which the self-referential targets M(M_v(u)) would otherwise amplify (MODEL.md)
-            return l2norm(to_rows(F.silu(self.conv_u(self.w_u(x))), self.H))
-        k = l2norm(to_rows(F.silu(self.conv_k(self.w_k(x))), self.H))
-        v = to_rows(F.silu(self.conv_v(self.w_v(x))), self.H)
+            return l2norm(to_rows(F.silu(self.conv_u(self.w_u(x), docs)), self.H))
+        k = l2norm(to_rows(F.silu(self.conv_k(self.w_k(x), docs)), self.H))
+        v = to_rows(F.silu(self.conv_v(self.w_v(x), docs)), self.H)
         eta = self.gate_eta(to_rows(self.w_eta(x), self.H)[..., 0], x.shape[0])
         alpha = self.gate_alpha(to_rows(self.w_alpha(x), self.H)[..., 0], x.shape[0])
         return k, v, eta, alpha
@@ -153,26 +154,34 @@ class SelfModifyingTitans(nn.Module):
         grad_at = self.proj_spec.grad_at
         return 1.0 / chunk if (self.cfg.eta_chunk_mean and grad_at == "chunk_start") else 1.0
 
+    @property
+    def doc_alignment(self) -> int:
+        """Packed documents start at multiples of this (every chunk boundary stays in place)."""
+        a, b = self.cfg.chunk_mem, self.cfg.chunk_proj if self.adaptive else 1
+        return a * b // math.gcd(a, b)
+
     # -- chunk-parallel forward -----------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:
+        """``docs``: packed-document layout (convolutions masked, memories restarted at documents)."""
         B = x.shape[0]
         impl = self.impl(x.device)
         states, moms = self.initial(B)
         betas = self.betas(B)
-        q = self.queries(x)
+        q = self.queries(x, docs)
         if not self.adaptive:
-            k, v, eta, alpha = self.inputs(x)
+            k, v, eta, alpha = self.inputs(x, docs)
         elif self.proj_spec.kind == "linear":
-            k, v, eta, alpha = self._stacked_projection_pass(self.inputs(x), states, moms, betas, B, impl)
+            k, v, eta, alpha = self._stacked_projection_pass(self.inputs(x, docs), states, moms, betas, B, impl, docs)
         else:
-            k, v, eta, alpha = self._projection_pass(self.inputs(x), states, moms, betas, B, impl)
+            k, v, eta, alpha = self._projection_pass(self.inputs(x, docs), states, moms, betas, B, impl, docs)
         spec, C = self.main_spec, self.cfg.chunk_mem
         beta = betas[-1] if self.cfg.momentum else None
         o, _, _ = memory_sequence(spec, states["mem"], moms["mem"], k, v, self.chunk_eta(spec, eta, C), alpha,
-                                  beta, q, C, self_targets=self.cfg.self_targets, impl=impl)
+                                  beta, q, C, self_targets=self.cfg.self_targets, impl=impl,
+                                  resets=docs.resets(C, self.H) if docs is not None else None)
         return self.output(o, x)
 
-    def _stacked_projection_pass(self, u, states, moms, betas, batch, impl):
+    def _stacked_projection_pass(self, u, states, moms, betas, batch, impl, docs=None):
         """The four linear projection memories as one stacked memory ``[P_k; P_v; P_eta; P_alpha]``
         over the whole sequence (they share keys, learning rates and retention; see
         :func:`kernels.memory.sequence_torch.projection_sequence`): one call, no chunk loop here."""
@@ -182,15 +191,21 @@ class SelfModifyingTitans(nn.Module):
         C = self.cfg.chunk_proj
         (k, v, eta, alpha), _, _ = projection_sequence(
             self.proj_spec, P, S, u, beta, self._row_bias(self.eta_bias, batch)[:, 0],
-            self._row_bias(self.alpha_bias, batch)[:, 0], self.cfg.eta_max, C, self.proj_eta_scale(C), impl=impl)
+            self._row_bias(self.alpha_bias, batch)[:, 0], self.cfg.eta_max, C, self.proj_eta_scale(C), impl=impl,
+            resets=docs.resets(C, self.H) if docs is not None else None)
         return k, v, eta, alpha
 
-    def _projection_pass(self, u, states, moms, betas, batch, impl):
+    def _projection_pass(self, u, states, moms, betas, batch, impl, docs=None):
         """MLP projection memories: one memory at a time, in chunks of ``chunk_proj``."""
         T, C, spec = u.shape[1], self.cfg.chunk_proj, self.proj_spec
+        resets = docs.resets(C, self.H) if docs is not None else None
+        init = {m: (states[m], moms[m]) for m in PROJ_MEMORIES}
         pieces = []
-        for s in range(0, T, C):
+        for j, s in enumerate(range(0, T, C)):
             e = min(s + C, T)
+            if resets is not None and j > 0:
+                for m in PROJ_MEMORIES:
+                    states[m], moms[m] = restart(resets[:, j], init[m], (states[m], moms[m]))
             k, v, eta, alpha = self.project(states, u[:, s:e], batch)
             eta_m = self.chunk_eta(spec, eta, C)
             for i, m in enumerate(PROJ_MEMORIES):

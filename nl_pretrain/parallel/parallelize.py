@@ -51,11 +51,13 @@ class Checkpointed(nn.Module):
         super().__init__()
         self.block = block
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:
         if not torch.is_grad_enabled():
-            return self.block(x)
+            return self.block(x, docs)
         import deepspeed
-        return deepspeed.checkpointing.checkpoint(self.block, x)
+        if docs is None:
+            return deepspeed.checkpointing.checkpoint(self.block, x)
+        return deepspeed.checkpointing.checkpoint(lambda h: self.block(h, docs), x)
 
 
 class LossModule(nn.Module):

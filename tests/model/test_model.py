@@ -109,3 +109,33 @@ def test_bf16_autocast_keeps_memory_state_in_fp32():
     assert reads.dtype == torch.float32 and all(w.dtype == torch.float32 for w in new + new_mom)
     ref = memory_chunk(spec, state, mom, *[a.float() for a in args])
     torch.testing.assert_close(reads, ref[0])
+
+
+def test_packed_layout_costs_its_tokens():
+    """Documents move to chunk-aligned starts inside their own row: a row grows by less than one
+    chunk per document (not n_docs rows padded to the longest), and pack(unpack(x)) == x."""
+    from nl_pretrain.model.packing import Documents
+    lens = [[100, 37, 200], [300, 30, 7]]
+    doc_ids = torch.stack([torch.cat([torch.full((n,), i) for i, n in enumerate(row)]) for row in lens])
+    docs = Documents(doc_ids, align=16)
+    assert docs.length == max(sum(-(-n // 16) * 16 for n in row) for row in lens) == 368   # T = 337
+    assert docs.length <= 337 + 3 * 15
+    x = torch.randn(2, 337, 3)
+    assert torch.equal(docs.pack(docs.unpack(x)), x)
+    assert docs.start.sum() == 6 and bool(docs.start[:, ::16].sum() == 6)                 # starts on chunks
+    assert docs.resets(4, heads=2).shape == (4, 368 // 4)
+
+
+@pytest.mark.parametrize("family", ["hope", "hope_attention", "gated_deltanet"])
+def test_packed_gradients_equal_documents_run_alone(family):
+    model = tiny(family)
+    docs = [torch.randint(0, 64, (n,)) for n in (7, 13)]
+    packed = torch.cat(docs)[None]
+    doc_ids = torch.tensor([[0] * 7 + [1] * 13])
+    params = list(model.parameters())
+    ga = torch.autograd.grad(model(packed, doc_ids).sin().sum(), params, allow_unused=True)
+    gb = torch.autograd.grad(sum(model(d[None]).sin().sum() for d in docs), params, allow_unused=True)
+    for (name, _), a, b in zip(model.named_parameters(), ga, gb):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m: f"{name}: {m}")
