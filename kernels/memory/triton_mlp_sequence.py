@@ -38,6 +38,13 @@ VJP. State cotangents live in two ping-pong slots ``(2, N, ., .)``. Transient: p
 partials of dK/dQ (``(blocks, N, C, max(h, d_in))``, summed inside the kernel), chunk-sized
 workspaces, and the per-token gradients (fp32, cast to the inputs' dtypes at the end).
 
+Packed documents (``resets (N, n_chunks)``, constexpr RESETS; the default None path compiles
+without any of it): at a reset chunk j >= 1 the forward overwrites the row's chunk-start slot j
+with slot 0 (the initial state and momentum) before the chunk's prep; the backward, once chunk j's
+VJP is done, adds the row's chunk-start cotangents to per-row accumulators ``(N, ., .)`` of the
+initial state/momentum (gradient = slot 0 + accumulator) and zeroes them, so chunk j-1's end state
+receives none. Per row inside its program: deterministic, no atomics.
+
 Precision: states, momenta, decay, workspaces and every accumulation fp32; k, q, vhat may be bf16
 (cast to fp32 right after loading). Dots: IEEE fp32 for fp32 inputs (TF32 when torch allows TF32
 matmuls), TF32 for bf16 inputs (:func:`kernels.memory.triton_impl._dot_precision`). Returns fp32.
@@ -202,18 +209,46 @@ def _silu_q(WHn, sh, c_len, h_dim, BC: tl.constexpr, BH: tl.constexpr):
     tl.debug_barrier()
 
 
+@triton.jit
+def _copy_mat(SRC, DST, rows, cols, BR: tl.constexpr, BK: tl.constexpr):
+    """``DST = SRC`` for one row's ``(rows, cols)`` matrix (contiguous), walked in tiles."""
+    for r0 in range(0, rows, BR):
+        rr = r0 + tl.arange(0, BR)
+        mr = rr < rows
+        for c0 in range(0, cols, BK):
+            cc = c0 + tl.arange(0, BK)
+            mk = cc < cols
+            _st(DST, _ld(SRC, rr, mr, cc, mk, cols), rr, mr, cc, mk, cols)
+
+
+@triton.jit
+def _drain_mat(SRC, ACC, rows, cols, BR: tl.constexpr, BK: tl.constexpr):
+    """``ACC += SRC; SRC = 0`` for one row's ``(rows, cols)`` matrix (contiguous)."""
+    for r0 in range(0, rows, BR):
+        rr = r0 + tl.arange(0, BR)
+        mr = rr < rows
+        for c0 in range(0, cols, BK):
+            cc = c0 + tl.arange(0, BK)
+            mk = cc < cols
+            x = _ld(SRC, rr, mr, cc, mk, cols)
+            _st(ACC, _ld(ACC, rr, mr, cc, mk, cols) + x, rr, mr, cc, mk, cols)
+            _st(SRC, x * 0.0, rr, mr, cc, mk, cols)
+
+
 # ------------------------------------------------------------------------------------------------
 @triton.jit
 def mlp_seq_fwd_kernel(
-    ST1, ST2, MS1, MS2, K, Q, V, ETA, LA, BETA, READS, WH, WO,
+    ST1, ST2, MS1, MS2, K, Q, V, ETA, LA, BETA, READS, WH, WO, RS,
     T_len, chunk, n_chunks, n_rows, d_in, d_out, h_dim, n_ob1, n_ob2,
     s_kn, s_kt, s_qn, s_qt, s_vn, s_vt, s_en, s_la,
     DGD: tl.constexpr, HAS_MOM: tl.constexpr, HAS_Q: tl.constexpr, SELF: tl.constexpr,
-    L2: tl.constexpr, RES: tl.constexpr,
+    L2: tl.constexpr, RES: tl.constexpr, RESETS: tl.constexpr,
     BC: tl.constexpr, BO: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
 ):
     """Grid ``(N,)``. ST1/MS1 ``(n_chunks+1, N, d_out, h)``, ST2/MS2 ``(n_chunks+1, N, h, d_in)``
-    (slot 0 holds the initial state); READS ``(N, T, d_out)``; WH/WO the workspaces."""
+    (slot 0 holds the initial state); READS ``(N, T, d_out)``; WH/WO the workspaces; RS
+    ``(N, n_chunks)`` int32 reset flags (column 0 zero; read only when RESETS): at a reset chunk the
+    row's chunk-start slot is overwritten with slot 0 (the initial state and momentum)."""
     n = tl.program_id(0)
     rc = tl.arange(0, BC)
     s1 = d_out * h_dim
@@ -230,6 +265,14 @@ def mlp_seq_fwd_kernel(
         st2 = ST2 + j * n_rows * s2
         ms1 = MS1 + j * n_rows * s1
         ms2 = MS2 + j * n_rows * s2
+        if RESETS:   # a document starts here: this row restarts from its initial state / momentum
+            if tl.load(RS + n * n_chunks + j) != 0:
+                _copy_mat(ST1 + n * s1, st1 + n * s1, d_out, h_dim, BO, BH)
+                _copy_mat(ST2 + n * s2, st2 + n * s2, h_dim, d_in, BH, BD)
+                if HAS_MOM:
+                    _copy_mat(MS1 + n * s1, ms1 + n * s1, d_out, h_dim, BO, BH)
+                    _copy_mat(MS2 + n * s2, ms2 + n * s2, h_dim, d_in, BH, BD)
+            tl.debug_barrier()
         Kp = K + n * s_kn + t0 * s_kt
         Vp = V + n * s_vn + t0 * s_vt
         eta = tl.load(ETA + n * s_en + t0 + rc, mask=mc, other=0.0).to(tl.float32)
@@ -273,18 +316,21 @@ def mlp_seq_fwd_kernel(
 def mlp_seq_bwd_kernel(
     ST1, ST2, MS1, MS2, K, Q, V, ETA, LA, BETA, DREADS,
     DST1, DST2, DMS1, DMS2, SCR2, SCRM2, WH, WO, PK, PQ, PC, PL, PB,
-    DK, DQ, DV, DETA, DLA, DBETA,
+    DK, DQ, DV, DETA, DLA, DBETA, RS, DA1, DA2, DAM1, DAM2,
     T_len, chunk, n_chunks, n_rows, d_in, d_out, h_dim, n_ob1, n_ob2,
     s_kn, s_kt, s_qn, s_qt, s_vn, s_vt, s_en, s_la,
     DGD: tl.constexpr, HAS_MOM: tl.constexpr, HAS_Q: tl.constexpr, SELF: tl.constexpr,
-    L2: tl.constexpr, RES: tl.constexpr,
+    L2: tl.constexpr, RES: tl.constexpr, RESETS: tl.constexpr,
     BC: tl.constexpr, BO: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
 ):
     """Grid ``(N,)``; chunks in reverse. DST*/DMS* ``(2, N, ., .)`` ping-pong state cotangents (slot
     ``n_chunks % 2`` holds the final states' cotangents on entry, slot 0 the initial ones on exit);
     SCR2/SCRM2 ``(N, h, d_in)`` scratch for the recomputed W2 forward; PK/PQ ``(blocks, N, C, .)``,
     PC/PL ``(blocks, N, C)``, PB ``(blocks, N)`` per-column-block partials; DK, DQ ``(N, T, d_in)``,
-    DV ``(N, T, d_out)``, DETA, DLA ``(N, T)``, DBETA ``(N, n_chunks)`` fp32 outputs."""
+    DV ``(N, T, d_out)``, DETA, DLA ``(N, T)``, DBETA ``(N, n_chunks)`` fp32 outputs. With RESETS:
+    RS as in the forward; at a reset chunk the row's chunk-start cotangents move (added) into
+    DA1, DA2 ``(N, ., .)`` (DAM1, DAM2 for the momenta; zeros on entry) and are zeroed, so the
+    previous chunk's end state gets none; the initial state's gradient is slot 0 + DA."""
     n = tl.program_id(0)
     rc = tl.arange(0, BC)
     s1 = d_out * h_dim
@@ -501,6 +547,14 @@ def mlp_seq_bwd_kernel(
         if HAS_MOM:
             tl.store(DBETA + n * n_chunks + j, dbeta)
         tl.debug_barrier()  # the previous chunk reads this chunk's start-state cotangents
+        if RESETS:   # this chunk started from the initial state: its cotangent goes there
+            if tl.load(RS + n * n_chunks + j) != 0:
+                _drain_mat(DST1 + s_slot * n_rows * s1 + n * s1, DA1 + n * s1, d_out, h_dim, BO, BH)
+                _drain_mat(DST2 + s_slot * n_rows * s2 + n * s2, DA2 + n * s2, h_dim, d_in, BH, BD)
+                if HAS_MOM:
+                    _drain_mat(DMS1 + s_slot * n_rows * s1 + n * s1, DAM1 + n * s1, d_out, h_dim, BO, BH)
+                    _drain_mat(DMS2 + s_slot * n_rows * s2 + n * s2, DAM2 + n * s2, h_dim, d_in, BH, BD)
+            tl.debug_barrier()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -522,7 +576,7 @@ class MLPMemorySequence(torch.autograd.Function):
     absent reads / momenta). ``flags = (chunk, dgd, has_mom, self_targets, l2, residual)``."""
 
     @staticmethod
-    def forward(ctx, W1, W2, S1, S2, k, v, eta, log_alpha, beta, q, flags):
+    def forward(ctx, W1, W2, S1, S2, k, v, eta, log_alpha, beta, q, rs, flags):
         chunk, dgd, has_mom, self_t, l2, res = flags
         N, o, h = W1.shape
         d, T = W2.shape[2], k.shape[1]
@@ -547,11 +601,14 @@ class MLPMemorySequence(torch.autograd.Function):
         with _on_device(W1):
             _launch(mlp_seq_fwd_kernel, (N,),
                     st1, st2, ms1, ms2, k, qp, v, eta, log_alpha, bp, reads if has_q else st1, wh, wo,
+                    rs if rs is not None else eta,
                     T, chunk, n_chunks, N, d, o, h, triton.cdiv(o, bo), triton.cdiv(h, bh),
                     k.stride(0), k.stride(1), qp.stride(0), qp.stride(1), v.stride(0), v.stride(1),
                     eta.stride(0), log_alpha.stride(0),
                     DGD=dgd, HAS_MOM=has_mom, HAS_Q=has_q, SELF=self_t, L2=l2, RES=res,
+                    RESETS=rs is not None,
                     BC=bc, BO=bo, BD=bd, BH=bh, PREC=prec, num_warps=warps, num_stages=1)
+        ctx.rs = rs
         ctx.save_for_backward(st1, st2, ms1 if has_mom else None, ms2 if has_mom else None,
                               k, v, eta, log_alpha, beta if has_mom else None, q)
         ctx.flags, ctx.meta = flags, (bc, bo, bd, bh, warps, prec)
@@ -608,29 +665,42 @@ class MLPMemorySequence(torch.autograd.Function):
         dbeta = torch.empty(N, n_chunks, **f32) if has_mom else dla
         qp = q if has_q else k
         bp = beta if has_mom else eta
+        rs = ctx.rs
+        if rs is not None:   # gradients of the initial state/momentum from the reset chunks
+            da1, da2 = torch.zeros(N, o, h, **f32), torch.zeros(N, h, d, **f32)
+            dam1, dam2 = (torch.zeros_like(da1), torch.zeros_like(da2)) if has_mom else (da1, da2)
+        else:
+            da1 = da2 = dam1 = dam2 = dla
         with _on_device(st1):
             _launch(mlp_seq_bwd_kernel, (N,),
                     st1, st2, ms1 if has_mom else st1, ms2 if has_mom else st2, k, qp, v, eta, log_alpha, bp,
                     dreads, dst1, dst2, dms1, dms2, scr2, scrm2, wh, wo, pk, pq, pc, pl, pb,
-                    dk, dq, dv, deta, dla, dbeta,
+                    dk, dq, dv, deta, dla, dbeta, rs if rs is not None else dla, da1, da2, dam1, dam2,
                     T, chunk, n_chunks, N, d, o, h, n_ob1, n_ob2,
                     k.stride(0), k.stride(1), qp.stride(0), qp.stride(1), v.stride(0), v.stride(1),
                     eta.stride(0), log_alpha.stride(0),
                     DGD=dgd, HAS_MOM=has_mom, HAS_Q=has_q, SELF=self_t, L2=l2, RES=res,
+                    RESETS=rs is not None,
                     BC=bc, BO=bo, BD=bd, BH=bh, PREC=prec, num_warps=warps, num_stages=1)
+        g1, g2, gm1, gm2 = dst1[0], dst2[0], dms1[0], dms2[0]
+        if rs is not None:
+            g1, g2 = g1 + da1, g2 + da2
+            if has_mom:
+                gm1, gm2 = gm1 + dam1, gm2 + dam2
         w1_dt, w2_dt, s1_dt, s2_dt = ctx.dtypes
         ng = ctx.needs_input_grad
         return (
-            dst1[0].to(w1_dt) if ng[0] else None,
-            dst2[0].to(w2_dt) if ng[1] else None,
-            dms1[0].to(s1_dt) if (ng[2] and has_mom) else None,
-            dms2[0].to(s2_dt) if (ng[3] and has_mom) else None,
+            g1.to(w1_dt) if ng[0] else None,
+            g2.to(w2_dt) if ng[1] else None,
+            gm1.to(s1_dt) if (ng[2] and has_mom) else None,
+            gm2.to(s2_dt) if (ng[3] and has_mom) else None,
             dk.to(k.dtype) if ng[4] else None,
             dv.to(v.dtype) if ng[5] else None,
             deta.to(eta.dtype) if ng[6] else None,
             dla.to(log_alpha.dtype) if ng[7] else None,
             dbeta.sum(1).to(beta.dtype) if (ng[8] and has_mom) else None,
             dq.to(q.dtype) if (ng[9] and has_q) else None,
+            None,
             None,
         )
 
@@ -644,7 +714,7 @@ def _launch(kernel, grid, *args, **kw):
 
 
 def mlp_memory_sequence(spec: MemorySpec, state, mom, k, vhat, eta, alpha, beta, q, chunk: int,
-                        self_targets: bool = False):
+                        self_targets: bool = False, resets=None):
     """:func:`kernels.memory.sequence_torch.memory_sequence` for an MLP memory, one launch forward
     and one backward.
 
@@ -652,7 +722,9 @@ def mlp_memory_sequence(spec: MemorySpec, state, mom, k, vhat, eta, alpha, beta,
     ``spec.momentum`` and None); ``k, q: (N, T, d_in)`` (q may be None); ``vhat: (N, T, d_out)``
     (``v`` with ``self_targets``: the target of each chunk is ``M_ref(l2norm(v))``, needs
     ``d_in == d_out``); ``eta, alpha: (N, T)``; ``beta: (N,)`` or None. Chunks of ``chunk`` tokens
-    (1..64), the last one possibly short. Returns ``(reads (N, T, d_out) or None, (W1_T, W2_T),
+    (1..64), the last one possibly short. ``resets: (N, ceil(T / chunk))`` bool or None: where
+    true (column 0 ignored), chunk j of that row starts again from the given ``state`` and ``mom``
+    (a packed document begins there). Returns ``(reads (N, T, d_out) or None, (W1_T, W2_T),
     (S1_T, S2_T) or None)``, all fp32; gradients flow to every tensor input."""
     if spec.kind != "mlp":
         raise ValueError(f"mlp_memory_sequence needs an MLP memory; got kind={spec.kind}")
@@ -666,6 +738,12 @@ def mlp_memory_sequence(spec: MemorySpec, state, mom, k, vhat, eta, alpha, beta,
         raise ValueError("self_targets reads the memory at l2norm(v): needs d_in == d_out")
     _tiles(chunk, d_in, d_out, h)
     n_states = -(-k.shape[1] // chunk) + 1
+    rs = None
+    if resets is not None:
+        if tuple(resets.shape) != (N, n_states - 1):
+            raise ValueError(f"resets must be (N, n_chunks) = ({N}, {n_states - 1}); got {tuple(resets.shape)}")
+        rs = torch.zeros(N, n_states - 1, device=k.device, dtype=torch.int32)   # column 0 stays 0
+        rs[:, 1:] = resets[:, 1:]
     if max(n_states * N * h * max(d_in, d_out), N * k.shape[1] * max(d_in, d_out)) >= 2 ** 31:
         raise ValueError("mlp_memory_sequence: a state buffer or token tensor of 2^31 elements or more "
                          "(int32 offsets in the kernel); split the rows into several calls")
@@ -685,5 +763,5 @@ def mlp_memory_sequence(spec: MemorySpec, state, mom, k, vhat, eta, alpha, beta,
         flags = (int(chunk), spec.rule == "dgd", bool(spec.momentum), bool(self_targets), spec.loss == "l2",
                  bool(spec.residual and d_in == d_out))
         reads, W1T, W2T, S1T, S2T = MLPMemorySequence.apply(W1, W2, S1, S2, k, vhat, eta32, log_alpha, b, q,
-                                                            flags)
+                                                            rs, flags)
     return (reads if q is not None else None), (W1T, W2T), ((S1T, S2T) if spec.momentum else None)

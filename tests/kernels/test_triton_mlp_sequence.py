@@ -2,12 +2,13 @@
 
 Every case compares :func:`mlp_memory_sequence` with :func:`kernels.memory.sequence_torch.memory_sequence`
 (the chunk loop around ``chunk_torch.memory_chunk``): reads, final states and momenta, and the VJP of
-every input (W1, W2, S1, S2, k, vhat/v, eta, alpha, beta, q) for a random cotangent.
+every input (W1, W2, S1, S2, k, vhat/v, eta, alpha, beta, q) for a random cotangent, also with
+per-row document resets (packed documents), and once against the documents run alone.
 
 On a CPU machine the cases run under the Triton interpreter, which must be on before Python starts:
 :func:`test_mlp_sequence_under_interpreter` re-runs this file in a subprocess with
 ``TRITON_INTERPRET=1`` and asserts that every interpreter case passed there (none skipped). Shapes
-are tiny (N = 2 rows, d = 16, h = 32, T <= 70, 1 to 4 chunks) so the whole run stays well under 90 s on 2 cores.
+are tiny (N = 2 or 3 rows, d = 16, h = 32, T <= 70, 1 to 4 chunks) so the whole run stays well under 90 s on 2 cores.
 
 Tolerances: fp32 kernel vs fp32 torch < 2e-5 (measured 4e-8 .. 6e-7 for outputs and every
 gradient), vs the float64 torch path < 1e-4; bf16 tokens: outputs < 2e-5 (the kernel and the
@@ -34,7 +35,7 @@ interp = pytest.mark.skipif(not INTERP,
                             reason="interpreter case: runs in the subprocess of test_mlp_sequence_under_interpreter")
 TOL = 2e-5
 REF_TOL = 1e-4
-N_INTERP_CASES = 18
+N_INTERP_CASES = 23
 
 
 @pytest.mark.slow
@@ -67,9 +68,10 @@ SPECS = {
 }
 
 
-def _run(fn, spec, ins, chunk, self_targets):
+def _run(fn, spec, ins, chunk, self_targets, resets=None):
+    kw = {} if resets is None else dict(resets=resets)
     reads, state, mom = fn(spec, ins["state"], ins["mom"], ins["k"], ins["vhat"], ins["eta"], ins["alpha"],
-                           ins["beta"], ins["q"], chunk, self_targets=self_targets)
+                           ins["beta"], ins["q"], chunk, self_targets=self_targets, **kw)
     assert (reads is None) == (ins["q"] is None) and (mom is None) == (not spec.momentum)
     return [x for x in (reads,) + tuple(state) + (tuple(mom) if mom is not None else ()) if x is not None]
 
@@ -86,19 +88,21 @@ def _grads(outs, leaves, seed=123):
                                allow_unused=True)
 
 
-def _compare(spec, ins, chunk, self_targets, tol=TOL, ref_ins=None, grad_tol=None):
+def _compare(spec, ins, chunk, self_targets, tol=TOL, ref_ins=None, grad_tol=None, resets=None):
     """Kernel on ``ins`` vs the torch path on ``ref_ins`` (default ``ins``): outputs and every grad."""
     grad_tol = tol if grad_tol is None else grad_tol
     ref_ins = ins if ref_ins is None else ref_ins
-    out = _run(_kernel, spec, ins, chunk, self_targets)
-    ref = _run(memory_sequence, spec, ref_ins, chunk, self_targets)
+    out = _run(_kernel, spec, ins, chunk, self_targets, resets)
+    ref = _run(memory_sequence, spec, ref_ins, chunk, self_targets, resets)
     assert len(out) == len(ref)
     for i, (a, b) in enumerate(zip(out, ref)):
         assert a.dtype == torch.float32 and a.shape == b.shape
         assert rel_err(a, b) < tol, f"output {i}: rel err {rel_err(a, b):.2e}"
     leaves, ref_leaves = flat_inputs(ins), flat_inputs(ref_ins)
-    ga, gb = _grads(out, leaves), _grads(ref, ref_leaves)
-    for name, x, y in zip(leaves, ga, gb):
+    ga = dict(zip(leaves, _grads(out, leaves)))
+    gb = dict(zip(ref_leaves, _grads(ref, ref_leaves)))     # ref_ins may hold more leaves (zero mom)
+    for name in leaves:
+        x, y = ga[name], gb[name]
         assert y is not None and x is not None, f"grad {name}: kernel {x is not None}, torch {y is not None}"
         assert x.dtype == leaves[name].dtype, f"grad {name} dtype {x.dtype}"
         assert rel_err(x, y) < grad_tol, f"grad {name}: rel err {rel_err(x, y):.2e}"
@@ -191,6 +195,58 @@ def test_interp_one_launch_forward_one_backward(monkeypatch):
         assert mod.LAUNCHES["fwd"] - before["fwd"] == 1 and mod.LAUNCHES["bwd"] - before["bwd"] == 1
 
 
+# -- packed documents: per-row resets ---------------------------------------------------------
+# T = 13, chunk 4: chunks of 4, 4, 4, 1 tokens. Row 0: documents start at chunks 1 and 3 (the short
+# last chunk); row 1: consecutive starts at chunks 1 and 2; row 2: only column 0 set (ignored: no
+# reset at all).
+RESETS = torch.tensor([[False, True, False, True], [False, True, True, False], [True, False, False, False]])
+RESET_CASES = {   # (spec, self_targets, mom given)
+    "mom_self": ("dgd_l2_mom", True, True),
+    "mom_plain_zero_mom": ("gd_l2_mom", False, False),    # mom None: restarts from zero momentum
+    "nomom_self": ("dgd_l2", True, True),
+    "nomom_plain": ("gd_l2", False, True),
+}
+
+
+@interp
+@pytest.mark.parametrize("case", list(RESET_CASES))
+def test_interp_mlp_sequence_resets_vs_torch(case):
+    """Resets (N, n_chunks) == sequence_torch.memory_sequence(..., resets=): reads, final states,
+    every input gradient (those of the initial state/momentum collect every reset chunk)."""
+    name, self_targets, mom_given = RESET_CASES[case]
+    spec = SPECS[name]
+    ins = memory_inputs(spec, N=3, T=13, d=16, e=2, seed=3)
+    ref_ins = None
+    if not mom_given:   # the torch path takes the zero momentum explicitly
+        ref_ins = dict(ins, mom=as_leaves(tuple(torch.zeros_like(x) for x in ins["state"]), torch.float32))
+        ins["mom"] = None
+    _compare(spec, ins, 4, self_targets, ref_ins=ref_ins, resets=RESETS)
+
+
+@interp
+def test_interp_mlp_sequence_resets_vs_documents_alone():
+    """Row 0 packs two documents (chunks 0-1 and 2-3, the last short), row 1 one: the packed kernel
+    run equals each document run alone (torch), outputs and every input gradient."""
+    spec = SPECS["dgd_l2_mom"]
+    C, T = 4, 14
+    ins = memory_inputs(spec, N=2, T=T, d=16, e=2, seed=7)
+    resets = torch.tensor([[False, False, True, False], [False, False, False, False]])
+    out = _run(_kernel, spec, ins, C, True, resets)
+
+    whole = _run(memory_sequence, spec, ins, C, True)
+    sl = slice(2 * C, T)
+    tail = _run(memory_sequence, spec, dict(ins, **{x: ins[x][:, sl] for x in ("k", "vhat", "eta", "alpha", "q")}),
+                C, True)
+    alone = [torch.stack([torch.cat([whole[0][0, :2 * C], tail[0][0]]), whole[0][1]])]
+    alone += [torch.stack([a[0], b[1]]) for a, b in zip(tail[1:], whole[1:])]
+    assert len(out) == len(alone)
+    for i, (a, b) in enumerate(zip(out, alone)):
+        assert a.shape == b.shape and rel_err(a, b) < TOL, f"output {i}: rel err {rel_err(a, b):.2e}"
+    leaves = flat_inputs(ins)
+    for name, x, y in zip(leaves, _grads(out, leaves), _grads(alone, leaves)):
+        assert x is not None and y is not None and rel_err(x, y) < TOL, f"grad {name}: rel err {rel_err(x, y):.2e}"
+
+
 def test_mlp_sequence_refuses_bad_arguments():
     pytest.importorskip("triton")
     from kernels.memory.triton_mlp_sequence import mlp_memory_sequence
@@ -203,6 +259,8 @@ def test_mlp_sequence_refuses_bad_arguments():
         mlp_memory_sequence(spec, *args, 65)
     with pytest.raises(ValueError, match="MLP memory"):
         mlp_memory_sequence(MemorySpec("linear"), *args, 4)
+    with pytest.raises(ValueError, match="resets must be"):
+        mlp_memory_sequence(spec, *args, 4, resets=torch.zeros(1, 2, dtype=torch.bool))
 
 
 # -- GPU: the 760m / 1.3b state widths ----------------------------------------------------------
