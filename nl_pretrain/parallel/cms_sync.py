@@ -31,7 +31,7 @@ class HiddenLevel(nn.Module):
         super().__init__()
         object.__setattr__(self, "level", level)      # not registered: no parameters here
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, docs=None) -> torch.Tensor:
         weight = self.level.mlp.w_up.weight
         if z.dtype != weight.dtype:
             with torch.autocast(z.device.type, dtype=z.dtype):
