@@ -53,6 +53,15 @@ the state-cotangent buffer at j); sum the partials and form des, dvhat; dvn and 
 the row dots <k, dk>, <vn, dvn>; dRm; then du and the final dP at j (read-modify-write of the
 tile bwd_chunk wrote). dbeta partials ``(blocks, N, T/C)`` are summed per memory by PyTorch.
 
+Packed documents (``resets (N, n_chunks)`` bool, column 0 ignored): where ``resets[n, j]``, chunk j
+of row n starts from the given ``P`` / ``S`` (zero momentum when ``S`` is None). Forward: before
+chunk j the program copies slot 0 of the state (and momentum) buffer over slot j. Backward: once
+chunk j's start-state cotangent is complete, the program adds it into a per-row accumulator
+``(N, R, d)`` (added to slot 0 by PyTorch afterwards: the gradient of ``P`` / ``S``) and zeroes slot
+j, so chunk j - 1 sees a zero end-state cotangent. One program per row: deterministic. ``RESETS``
+is a constexpr, so the kernels without resets are unchanged. Equal to the PyTorch contract with the
+same resets in the interpreter; RESETS variants (momentum on/off) compile for sm_90, no device run.
+
 Memory: chunk-start states (and momenta) ``(N, T/C + 1, R, d)`` fp32 from the forward, the same
 for their cotangents in the backward; workspaces O(N x BC x R) and O(blocks x N x BC x d).
 Precision: fp32 state, momentum, gates and accumulation; ``u`` may be bf16 (upcast on load); dots
@@ -79,6 +88,7 @@ import triton.language as tl
 from kernels.memory.spec import MemorySpec
 from kernels.memory.triton_affine import bwd_chunk, fwd_chunk
 from kernels.memory.triton_impl import _blocks, _dot_precision, _on_device
+from kernels.memory.triton_sequence import _flush_rows, _restart_rows, reset_flags
 
 EPS = 1e-6          # sequence_torch.l2norm
 LAUNCHES = Counter()  # kernel launches of this module: "fwd", "bwd" (tests check one each)
@@ -209,9 +219,9 @@ def _glue_targets(P0, KD, VD, XW, WW, rv, es, n, c_len, d_dim, s_kn, s_kt,
 def projection_fwd_kernel(
     STATES, MSTATES, U, BETA_T, EB, AB,
     KO, VO, EO, AO,
-    RW, XW, WW, CW, PW, LW,
+    RW, XW, WW, CW, PW, LW, RS,
     T_len, chunk, n_chunks, d_dim, n_rows, eta_max, eta_scale, s_un, s_ut,
-    DGD: tl.constexpr, LOSS: tl.constexpr, HAS_MOM: tl.constexpr,
+    DGD: tl.constexpr, LOSS: tl.constexpr, HAS_MOM: tl.constexpr, RESETS: tl.constexpr,
     BC: tl.constexpr, BO: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)  # row offsets n * s_w can pass 2^31
@@ -228,6 +238,12 @@ def projection_fwd_kernel(
         t0 = j * chunk
         c_len = tl.minimum(chunk, T_len - t0)
         mc = rc < c_len
+        if RESETS:  # RS (N, n_chunks) int8, column 0 zeroed by the host
+            if tl.load(RS + n * n_chunks + j) != 0:
+                _restart_rows(STATES + n * s_w, j, 0, R_dim, d_dim, RD, BO, BD)
+                if HAS_MOM:
+                    _restart_rows(MSTATES + n * s_w, j, 0, R_dim, d_dim, RD, BO, BD)
+                tl.debug_barrier()  # the glue and fwd_chunk read the restarted state
         P0 = STATES + n * s_w + j * RD
         rk, rv, se, alpha = _glue_reads(P0, U, EB, AB, RW, CW, PW, LW, n, t0, c_len, d_dim, eta_max, eta_scale,
                                         s_un, s_ut, BC, BO, BD, PREC)
@@ -258,9 +274,9 @@ def projection_bwd_kernel(
     DKO, DVO, DEO, DAO, DSTATES, DMSTATES,
     DU, DEB, DAB, DBETA,
     RW, KW, VW, XW, WW, CW, PW, LW,
-    DWW, DKP, DCP, DRP, DLP, DVH, DRM, DKT, DVN,
+    DWW, DKP, DCP, DRP, DLP, DVH, DRM, DKT, DVN, RS, DACC, DMACC,
     T_len, chunk, n_chunks, d_dim, n_rows, eta_max, eta_scale, s_un, s_ut,
-    DGD: tl.constexpr, LOSS: tl.constexpr, HAS_MOM: tl.constexpr,
+    DGD: tl.constexpr, LOSS: tl.constexpr, HAS_MOM: tl.constexpr, RESETS: tl.constexpr,
     BC: tl.constexpr, BO: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)  # row offsets n * s_w can pass 2^31
@@ -411,6 +427,12 @@ def projection_bwd_kernel(
                 dp += tl.dot(tl.trans(dvh), z, input_precision=PREC)
                 tl.store(poff, dp, mask=pm)
         tl.debug_barrier()  # the previous chunk reads this chunk's start-state cotangent
+        if RESETS:
+            if tl.load(RS + n * n_chunks + j) != 0:
+                _flush_rows(DSTATES + n * s_w, DACC + n * RD, j, 0, R_dim, d_dim, RD, BO, BD)
+                if HAS_MOM:
+                    _flush_rows(DMSTATES + n * s_w, DMACC + n * RD, j, 0, R_dim, d_dim, RD, BO, BD)
+                tl.debug_barrier()  # chunk j - 1 reads the zeroed end-state cotangent
     tl.store(DEB + n, deb)
     tl.store(DAB + n, dab)
 
@@ -425,7 +447,7 @@ class ProjectionSequence(torch.autograd.Function):
     """``(k, v, eta, alpha, P_T, S_T)`` of the projection pass (``S_T`` empty without momentum)."""
 
     @staticmethod
-    def forward(ctx, P, S, u, beta, eta_bias, alpha_bias, eta_max, chunk, eta_scale, dgd, loss_mode):
+    def forward(ctx, P, S, u, beta, eta_bias, alpha_bias, eta_max, chunk, eta_scale, dgd, loss_mode, rs=None):
         N, R, d = P.shape
         T = u.shape[1]
         n_chunks = triton.cdiv(T, chunk)
@@ -452,11 +474,11 @@ class ProjectionSequence(torch.autograd.Function):
         with _on_device(u):
             _launch("fwd", projection_fwd_kernel, (N,),
                     states, mstates, u, beta_t, eb, ab, k, v, eta, alpha,
-                    ws[0], ws[1], ws[2], gates[0], gates[1], gates[2],
+                    ws[0], ws[1], ws[2], gates[0], gates[1], gates[2], rs if rs is not None else eb,
                     T, chunk, n_chunks, d, N, float(eta_max), float(eta_scale), u.stride(0), u.stride(1),
-                    DGD=dgd, LOSS=loss_mode, HAS_MOM=has_mom, BC=bc, BO=bo, BD=bd, PREC=prec,
-                    num_warps=warps, num_stages=1)
-        ctx.save_for_backward(states, mstates if has_mom else None, u, beta_t if has_mom else None, eb, ab)
+                    DGD=dgd, LOSS=loss_mode, HAS_MOM=has_mom, RESETS=rs is not None, BC=bc, BO=bo, BD=bd,
+                    PREC=prec, num_warps=warps, num_stages=1)
+        ctx.save_for_backward(states, mstates if has_mom else None, u, beta_t if has_mom else None, eb, ab, rs)
         ctx.meta = (chunk, bc, bo, bd, warps, prec, float(eta_max), float(eta_scale), dgd, loss_mode, has_mom,
                     P.dtype, S.dtype if S is not None else None, u.dtype,
                     beta.dtype if has_mom else None, eta_bias.dtype, alpha_bias.dtype)
@@ -466,7 +488,7 @@ class ProjectionSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dk, dv, deta, dalpha, dPT, dST):
-        states, mstates, u, beta_t, eb, ab = ctx.saved_tensors
+        states, mstates, u, beta_t, eb, ab, rs = ctx.saved_tensors
         (chunk, bc, bo, bd, warps, prec, eta_max, eta_scale, dgd, loss_mode, has_mom,
          p_dtype, s_dtype, u_dtype, beta_dtype, eb_dtype, ab_dtype) = ctx.meta
         N, n_states, R, d = states.shape
@@ -493,18 +515,26 @@ class ProjectionSequence(torch.autograd.Function):
         gates = torch.empty(3, N, bc, **f32)       # CW PW LW
         parts_k = torch.empty(nblk, N, bc, d, **f32)
         parts = torch.empty(3, nblk, N, bc, **f32)  # dcv drho dla partials
+        dacc = torch.zeros(N, R, d, **f32) if rs is not None else deb            # reset chunks' dP
+        dmacc = torch.zeros(N, R, d, **f32) if (rs is not None and has_mom) else dacc
         with _on_device(u):
             _launch("bwd", projection_bwd_kernel, (N,),
                     states, mstates if has_mom else states, u, beta_t if has_mom else states, eb, ab,
                     dk, dv, deta, dalpha, dstates, dmstates, du, deb, dab, dbeta,
                     wr[0], wd[0], wd[1], wr[1], wr[2], gates[0], gates[1], gates[2],
                     wr[3], parts_k, parts[0], parts[1], parts[2], wr[4], wr[5], wd[2], wd[3],
+                    rs if rs is not None else eb, dacc, dmacc,
                     T, chunk, n_chunks, d, N, eta_max, eta_scale, u.stride(0), u.stride(1),
-                    DGD=dgd, LOSS=loss_mode, HAS_MOM=has_mom, BC=bc, BO=bo, BD=bd, PREC=prec,
-                    num_warps=warps, num_stages=1)
+                    DGD=dgd, LOSS=loss_mode, HAS_MOM=has_mom, RESETS=rs is not None, BC=bc, BO=bo, BD=bd,
+                    PREC=prec, num_warps=warps, num_stages=1)
         ng = ctx.needs_input_grad
-        dP = dstates[:, 0].to(p_dtype) if ng[0] else None
-        dS = dmstates[:, 0].to(s_dtype) if (ng[1] and has_mom and s_dtype is not None) else None
+        dP0, dS0 = dstates[:, 0], dmstates[:, 0]
+        if rs is not None:
+            dP0 = dP0 + dacc
+            if has_mom:
+                dS0 = dS0 + dmacc
+        dP = dP0.to(p_dtype) if ng[0] else None
+        dS = dS0.to(s_dtype) if (ng[1] and has_mom and s_dtype is not None) else None
         dbeta_out = None
         if has_mom and ng[3]:
             per_block = dbeta.sum(2)                                   # (blocks, N)
@@ -512,11 +542,11 @@ class ProjectionSequence(torch.autograd.Function):
                                      per_block[2 * nbk], per_block[2 * nbk + 1]], 1).to(beta_dtype)
         return (dP, dS, du.to(u_dtype) if ng[2] else None, dbeta_out,
                 deb.to(eb_dtype) if ng[4] else None, dab.to(ab_dtype) if ng[5] else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def projection_sequence(spec: MemorySpec, P, S, u, beta, eta_bias, alpha_bias, eta_max: float, chunk: int,
-                        update_eta_scale: float = 1.0):
+                        update_eta_scale: float = 1.0, resets=None):
     """Same contract as :func:`kernels.memory.sequence_torch.projection_sequence`, one Triton launch
     forward and one backward: ``((k, v, eta, alpha), P_T, S_T or None)``, all fp32.
 
@@ -524,7 +554,8 @@ def projection_sequence(spec: MemorySpec, P, S, u, beta, eta_bias, alpha_bias, e
     ``beta: (N, 4)`` (k, v, eta, alpha memories) or None; ``eta_bias, alpha_bias: (N,)``. As in the
     PyTorch contract, momentum is on exactly when ``beta`` is given (``S`` None then means zero
     momentum). Chunk length <= 64; the last chunk may be short. Gradients for P, S, u, beta and the
-    biases; autocast is off inside."""
+    biases; autocast is off inside. ``resets (N, n_chunks)`` bool or None: chunk j of a row restarts
+    from ``P`` / ``S`` where true (packed documents; column 0 ignored), as in the PyTorch contract."""
     if spec.kind != "linear":
         raise ValueError("projection_sequence stacks linear projection memories; "
                          f"got kind={spec.kind} (use the per-memory chunk loop)")
@@ -533,10 +564,11 @@ def projection_sequence(spec: MemorySpec, P, S, u, beta, eta_bias, alpha_bias, e
         raise ValueError(f"P must be (N, 2 d_h + 2, d_h) = (N, {2 * d + 2}, {d}); got {tuple(P.shape)}")
     _blocks(chunk, 1, 1)                                # validates chunk <= MAX_CHUNK
     loss_mode = LOSS_DOT if spec.loss == "dot" else (LOSS_RUNNING if spec.grad_at == "running" else LOSS_CHUNK_START)
+    rs = reset_flags(resets, u.shape[0], triton.cdiv(u.shape[1], chunk), u.device)
     with torch.autocast(u.device.type, enabled=False):
         P32 = P.float()
         S32 = S.float() if (S is not None and beta is not None) else None
         k, v, eta, alpha, P_T, S_T = ProjectionSequence.apply(
             P32, S32, u, beta, eta_bias, alpha_bias, eta_max, chunk, update_eta_scale, spec.rule == "dgd",
-            loss_mode)
+            loss_mode, rs)
     return (k, v, eta, alpha), P_T, (S_T if beta is not None else None)

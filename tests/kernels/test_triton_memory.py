@@ -44,7 +44,7 @@ def test_kernels_under_interpreter():
     assert proc.returncode == 0, tail
     summary = proc.stdout.strip().splitlines()[-1]
     passed = int(re.search(r"(\d+) passed", summary).group(1))
-    assert passed >= 20 and "skipped" not in summary and "failed" not in summary, tail
+    assert passed >= 39 and "skipped" not in summary and "failed" not in summary, tail
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,10 +202,10 @@ def test_interp_dispatch_allows_cpu_under_interpreter():
 SEQ_SPECS = ["lin_dgd_l2_running_mom", "lin_gd_l2_running", "lin_dgd_dot"]
 
 
-def run_memory_sequence(spec, ins, chunk, impl):
+def run_memory_sequence(spec, ins, chunk, impl, resets=None):
     from kernels.memory.dispatch import memory_sequence
     reads, state, mom = memory_sequence(spec, ins["state"], ins["mom"], ins["k"], ins["vhat"], ins["eta"],
-                                        ins["alpha"], ins["beta"], ins["q"], chunk, impl=impl)
+                                        ins["alpha"], ins["beta"], ins["q"], chunk, impl=impl, resets=resets)
     return (reads,) + tuple(state) + (tuple(mom) if mom is not None else ())
 
 
@@ -229,6 +229,44 @@ def test_interp_sequence_kernel_tiles(monkeypatch):
     ins = memory_inputs(spec, N=2, T=49, d=20, d_out=36)
     _check_outputs_and_grads(lambda: run_memory_sequence(spec, ins, 16, "triton"),
                              lambda: run_memory_sequence(spec, ins, 16, "torch"), flat_inputs(ins), TOL)
+
+
+RESETS_3x3 = [[1, 1, 1],    # consecutive resets, the last (short) chunk included; column 0 ignored
+              [0, 0, 1],    # a reset at the last, short chunk only
+              [0, 1, 0]]    # a reset in the middle
+
+
+def _check_resets(spec, ins, chunk, resets):
+    """Kernel with resets == the PyTorch chunk loop with the same resets (outputs, final states,
+    every input gradient), and the resets change the result."""
+    resets = torch.tensor(resets, dtype=torch.bool)
+    _check_outputs_and_grads(lambda: run_memory_sequence(spec, ins, chunk, "triton", resets),
+                             lambda: run_memory_sequence(spec, ins, chunk, "torch", resets), flat_inputs(ins), TOL)
+    with torch.no_grad():
+        plain = run_memory_sequence(spec, ins, chunk, "torch")
+        packed = run_memory_sequence(spec, ins, chunk, "torch", resets)
+    assert rel_err(packed[1], plain[1]) > 1e-3      # final state
+
+
+@interp
+@pytest.mark.parametrize("name", SEQ_SPECS)
+def test_interp_sequence_kernel_resets(name):
+    """Packed documents (momentum on and off, running and dot gradients): 21 tokens in chunks of 8,
+    three rows with different reset patterns."""
+    spec = SPECS[name]
+    _check_resets(spec, memory_inputs(spec, N=3, T=21, d=8, seed=5), 8, RESETS_3x3)
+
+
+@interp
+def test_interp_sequence_kernel_resets_tiles(monkeypatch):
+    """Resets with three column blocks (each program restarts / flushes only its own block) and
+    partial input tiles: 4 chunks (16, 16, 16, 1)."""
+    from kernels.memory import triton_impl
+    monkeypatch.setitem(triton_impl.TILE_CAP, "o", 16)
+    monkeypatch.setitem(triton_impl.TILE_CAP, "d", 16)
+    spec = SPECS["lin_dgd_l2_running_mom"]
+    _check_resets(spec, memory_inputs(spec, N=2, T=49, d=20, d_out=36, seed=6), 16,
+                  [[0, 1, 1, 1], [1, 0, 1, 0]])
 
 
 @interp

@@ -26,7 +26,7 @@ interp = pytest.mark.skipif(not INTERP,
                             reason="interpreter case: runs in the subprocess of test_projection_kernel_under_interpreter")
 TOL = 2e-5          # fp32 kernel vs fp32 sequence_torch
 REF_TOL = 1e-4      # fp32 kernel vs float64 sequence_torch
-N_INTERP_CASES = 14
+N_INTERP_CASES = 17
 
 
 @pytest.mark.slow
@@ -67,27 +67,31 @@ def projection_inputs(N, T, dh, momentum=True, u_dtype=torch.float32, device="cp
     return {k: as_leaves(v, u_dtype if k == "u" else torch.float32, device) for k, v in ins.items()}
 
 
-def run(impl, spec, ins, chunk, eta_max=0.5, scale=1.0):
+def run(impl, spec, ins, chunk, eta_max=0.5, scale=1.0, resets=None):
     if impl == "triton":
         from kernels.memory.triton_projection import projection_sequence
     else:
         from kernels.memory.sequence_torch import projection_sequence
     (k, v, eta, alpha), P_T, S_T = projection_sequence(spec, ins["P"], ins["S"], ins["u"], ins["beta"],
                                                        ins["eta_bias"], ins["alpha_bias"], eta_max, chunk,
-                                                       update_eta_scale=scale)
+                                                       update_eta_scale=scale, resets=resets)
     return [k, v, eta, alpha, P_T] + ([S_T] if S_T is not None else [])
 
 
-def check(spec, ins, chunk, tol=TOL, ref_tol=REF_TOL, du_tol=None, **kw):
+def check(spec, ins, chunk, tol=TOL, ref_tol=REF_TOL, du_tol=None, zero_S=False, **kw):
     """Outputs and the VJP of a random cotangent for every input, against fp32 and float64 torch
-    (``du_tol`` for the gradient of u, against both, when u is bf16)."""
+    (``du_tol`` for the gradient of u, against both, when u is bf16). ``zero_S``: the kernel gets
+    ``S`` None with momentum on, the torch references an explicit zero ``S`` (their form needs one)."""
     names = [n for n, x in ins.items() if x is not None]
     leaves = [ins[n] for n in names]
     out = run("triton", spec, ins, chunk, **kw)
     assert all(o.dtype == torch.float32 for o in out)
     ref_ins = {n: (x.detach().float().requires_grad_() if x is not None else None) for n, x in ins.items()}
-    ref = run("torch", spec, ref_ins, chunk, **kw)
     ins64 = {n: as_leaves(x, torch.float64) for n, x in ins.items()}
+    if zero_S:
+        ref_ins["S"] = torch.zeros_like(ref_ins["P"]).detach()
+        ins64["S"] = torch.zeros_like(ins64["P"]).detach()
+    ref = run("torch", spec, ref_ins, chunk, **kw)
     ref64 = run("torch", spec, ins64, chunk, **kw)
     assert len(out) == len(ref) == len(ref64)
     g = torch.Generator().manual_seed(123)
@@ -193,6 +197,44 @@ def test_interp_one_launch_each_way(monkeypatch):
         loss.backward()
         assert len(launched) == 1, launched
         assert tp.LAUNCHES["fwd"] == before.get("fwd", 0) + 1 and tp.LAUNCHES["bwd"] == before.get("bwd", 0) + 1
+
+
+# packed documents: per-row resets (N, n_chunks); column 0 is ignored (set in row 0 on purpose)
+RESETS_3x3 = [[1, 1, 1],    # consecutive resets, the last (short) chunk included
+              [0, 0, 1],    # a reset at the last, short chunk only
+              [0, 1, 0]]    # a reset in the middle
+RESETS_2x4 = [[0, 1, 1, 1],  # every chunk restarts (the last is one token)
+              [1, 0, 1, 0]]
+
+
+def check_resets(spec, ins, chunk, resets, zero_S=False):
+    """``check`` with resets, and the resets change the result (vs the same inputs without)."""
+    resets = torch.tensor(resets, dtype=torch.bool)
+    check(spec, ins, chunk, resets=resets, zero_S=zero_S)
+    tins = dict(ins, S=torch.zeros_like(ins["P"])) if zero_S else ins
+    with torch.no_grad():
+        plain = run("torch", spec, tins, chunk)
+        packed = run("torch", spec, tins, chunk, resets=resets)
+    assert rel_err(packed[4], plain[4]) > 1e-3      # final state
+
+
+@interp
+@pytest.mark.parametrize("name", ["gd_l2_running_mom", "dgd_l2_chunkstart"])
+def test_interp_resets(name):
+    """Packed documents, momentum on and off: 21 tokens in chunks of 8 (short last chunk), three
+    rows with different reset patterns; every output, final state and input gradient."""
+    spec = SPECS[name]
+    check_resets(spec, projection_inputs(3, 21, 16, momentum=_mom(spec), seed=8), 8, RESETS_3x3)
+
+
+@interp
+def test_interp_resets_momentum_none():
+    """Momentum on, ``S`` None (zero initial momentum, so a reset restarts from zero momentum),
+    chunk-start L2 gradient: 13 tokens in chunks of 4 (4, 4, 4, 1); the PyTorch contract gets an
+    explicit zero ``S``."""
+    ins = projection_inputs(2, 13, 16, seed=9)
+    ins["S"] = None
+    check_resets(SPECS["gd_l2_chunkstart_mom"], ins, 4, RESETS_2x4, zero_S=True)
 
 
 @interp
