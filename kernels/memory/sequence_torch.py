@@ -130,6 +130,8 @@ def projection_sequence(spec: MemorySpec, P, S, u, beta, eta_bias, alpha_bias, e
                          f"got kind={spec.kind} (use the per-memory chunk loop)")
     dh, T = u.shape[-1], u.shape[1]
     groups = projection_groups(dh)
+    if beta is not None and S is None:                 # momentum from zero
+        S = torch.zeros_like(P)
     pieces = []
     init = ((P,), (S,) if S is not None else None)
     for j, uc in enumerate(split(u, chunk)):

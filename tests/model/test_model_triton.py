@@ -29,11 +29,15 @@ def build(family, impl, chunk=5):
     return LanguageModel(ModelConfig(**d))
 
 
-def check_family(family, device="cpu", T=12):
+def check_family(family, device="cpu", T=12, packed=False):
     ref, fast = build(family, "torch").to(device), build(family, "triton").to(device)
     fast.load_state_dict(ref.state_dict())
     ids = torch.randint(0, 64, (2, T), device=device)           # T = 12, chunk 5: the last chunk is short
-    la, lb = ref.loss(ids, ids.roll(-1, 1)), fast.loss(ids, ids.roll(-1, 1))
+    doc_ids = None
+    if packed:                                                  # row 0: documents of 7 and T-7 tokens
+        doc_ids = torch.zeros(2, T, dtype=torch.long, device=device)
+        doc_ids[0, 7:] = 1
+    la, lb = ref.loss(ids, ids.roll(-1, 1), doc_ids), fast.loss(ids, ids.roll(-1, 1), doc_ids)
     assert abs(la.item() - lb.item()) < 1e-5 * abs(la.item())
     ga = torch.autograd.grad(la, list(ref.parameters()), allow_unused=True)
     gb = torch.autograd.grad(lb, list(fast.parameters()), allow_unused=True)
@@ -47,6 +51,12 @@ def check_family(family, device="cpu", T=12):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_interp_family(family):
     check_family(family)
+
+
+@pytest.mark.skipif(not INTERP, reason="interpreter case: runs in the subprocess of test_triton_model_equals_torch")
+@pytest.mark.parametrize("family", ["hope", "gated_deltanet"])
+def test_interp_packed_family(family):
+    check_family(family, packed=True)
 
 
 @pytest.mark.slow
@@ -63,7 +73,7 @@ def test_triton_model_equals_torch():
     tail = proc.stdout[-6000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
     summary = proc.stdout.strip().splitlines()[-1]
-    assert int(re.search(r"(\d+) passed", summary).group(1)) == len(FAMILIES), tail
+    assert int(re.search(r"(\d+) passed", summary).group(1)) == len(FAMILIES) + 2, tail
 
 
 @pytest.mark.gpu
