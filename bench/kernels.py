@@ -3,9 +3,11 @@
     python bench/kernels.py            # GPU: presets 760m / 1.3b at 4K context, ~16K tokens
     python bench/kernels.py --quick    # anywhere: tiny shapes, PyTorch path only on CPU
 
-Implementations: ``torch`` (chunk-parallel PyTorch, kernels/memory/chunk_torch.py), ``triton``
-(kernels/memory/triton_impl.py, the model's per-chunk loop, CUDA only), ``triton_seq`` (the
-whole-sequence kernel, kernels/memory/triton_sequence.py, linear memories with plain targets) and,
+Implementations: ``torch`` (the whole-sequence PyTorch forms, kernels/memory/sequence_torch.py: the
+CPU path of the model), ``triton`` (the per-chunk kernels of kernels/memory/triton_impl.py in a
+Python chunk loop, plain targets: the earlier model path, kept as a comparison), ``triton_seq`` (the
+whole-sequence kernels the model runs: triton_sequence.py for linear memories, triton_mlp_sequence.py
+for MLP memories with HOPE's self-generated targets, triton_projection.py for the projection pass) and,
 for the gated-delta-rule case, flash-linear-attention's ``chunk_gated_delta_rule`` when ``fla``
 imports (CUDA only). On CPU with ``TRITON_INTERPRET=1`` the Triton rows run in the interpreter on
 minute shapes (a plumbing check, not a speed). Every implementation runs
@@ -47,7 +49,10 @@ CASES = {  # the memories HOPE and Gated DeltaNet run (nl_pretrain/presets.py)
     "hope_proj_linear": MemorySpec("linear", "gd", "l2", "running", True),
     "hope_main_mlp": MemorySpec("mlp", "gd", "l2", "chunk_start", True),
     "gated_deltanet": MemorySpec("linear", "gd", "l2", "running", False),
+    "hope_projection": MemorySpec("linear", "gd", "l2", "running", True),
 }
+SELF_TARGETS = {"hope_main_mlp"}     # HOPE's main memory learns from M_ref(l2norm(v)) (Eq. 84-85)
+PROJECTION = {"hope_projection"}     # the stacked k, v, eta, alpha memories (projection_sequence)
 CEILINGS = {  # dense bf16 FLOP/s, HBM bytes/s
     "H100": (989e12, 3.35e12),
     "H200": (989e12, 4.8e12),
@@ -136,17 +141,46 @@ def _timed(fn, device, warmup, reps):
     return sorted(times)[len(times) // 2]
 
 
-def bench_ours(spec, impl, shape, device, dtype, warmup, reps):
+def bench_ours(spec, impl, shape, device, dtype, warmup, reps, self_targets=False):
     N, T, d = shape["batch"] * shape["heads"], shape["T"], shape["d_model"] // shape["heads"]
     ins = memory_inputs(spec, N=N, T=T, d=d, e=shape["e"], token_dtype=dtype, device=device,
                         eta_scale=1 / 16, alpha_gap=0.002)
 
     def run():
-        if impl != "triton_seq":
+        if impl == "triton":
             return run_sequence(spec, ins, shape["chunk"], impl)
         reads, state, mom = memory_sequence(spec, ins["state"], ins["mom"], ins["k"], ins["vhat"], ins["eta"],
-                                            ins["alpha"], ins["beta"], ins["q"], shape["chunk"], impl="triton")
+                                            ins["alpha"], ins["beta"], ins["q"], shape["chunk"],
+                                            self_targets=self_targets, impl="torch" if impl == "torch" else "triton")
         return (reads,) + tuple(state) + (tuple(mom) if mom is not None else ())
+
+    def fwd():
+        with torch.no_grad():
+            run()
+
+    def fwd_bwd():
+        sum(o.float().sum() for o in run()).backward()
+    return _measure(fwd, fwd_bwd, device, warmup, reps)
+
+
+def bench_projection(spec, impl, shape, device, dtype, warmup, reps):
+    """HOPE's projection pass (four stacked linear memories, self-generated targets)."""
+    from kernels.memory.dispatch import projection_sequence
+    N, T, d = shape["batch"] * shape["heads"], shape["T"], shape["d_model"] // shape["heads"]
+    g = torch.Generator().manual_seed(0)
+    R = 2 * d + 2
+    P = torch.randn(N, R, d, generator=g) * 0.02
+    P[:, :2 * d] += torch.cat([torch.eye(d)] * 2)
+    leaf = lambda x, dt=torch.float32: x.to(device=device, dtype=dt).requires_grad_()  # noqa: E731
+    P, S = leaf(P), leaf(torch.zeros(N, R, d))
+    u = leaf(torch.nn.functional.normalize(torch.randn(N, T, d, generator=g), dim=-1), dtype)
+    beta = leaf(torch.full((N, 4), 0.9))
+    eb, ab = leaf(torch.full((N,), -2.0)), leaf(torch.full((N,), 4.0))
+
+    def run():
+        (k, v, e, a), PT, ST = projection_sequence(spec, P, S, u, beta, eb, ab, 1.0, shape["chunk"],
+                                                   impl="torch" if impl == "torch" else "triton")
+        return k, v, e, a, PT, ST
 
     def fwd():
         with torch.no_grad():
@@ -228,8 +262,15 @@ def main(argv=None):
             spec = CASES[cname]
             flops = 3 * memory_flops(spec, N, T, d, shape["e"], shape["chunk"])
             nbytes = memory_bytes(spec, N, T, d, shape["e"], shape["chunk"], token_bytes)
-            mine = impls + (["triton_seq"] if "triton" in impls and spec.kind == "linear" else [])
-            todo = [(i, lambda i=i: bench_ours(spec, i, shape, device, dtype, 1, reps)) for i in mine]
+            if cname in PROJECTION:   # FLOPs/bytes of the four memories ~ one of 2d+2 rows: not modelled
+                flops = nbytes = None
+                mine = ["torch"] + (["triton_seq"] if "triton" in impls else [])
+                todo = [(i, lambda i=i: bench_projection(spec, i, shape, device, dtype, 1, reps)) for i in mine]
+            else:
+                mine = impls + (["triton_seq"] if "triton" in impls else [])
+                st = cname in SELF_TARGETS
+                todo = [(i, lambda i=i: bench_ours(spec, i, shape, device, dtype, 1, reps,
+                                                   self_targets=st and i != "triton")) for i in mine]
             if cname == "gated_deltanet" and device.type == "cuda":
                 todo.append(("fla", lambda: bench_fla(shape, device, dtype, 1, reps)))
             for impl, fn in todo:
@@ -238,10 +279,10 @@ def main(argv=None):
                 try:
                     row.update(fn())
                     sec = row["fwd_bwd_ms"] / 1e3
-                    row["tflops"] = flops / sec / 1e12
-                    row["gbps"] = nbytes / sec / 1e9
-                    row["pct_flops_peak"] = 100 * flops / sec / peak_flops if peak_flops else None
-                    row["pct_bw_peak"] = 100 * nbytes / sec / peak_bw if peak_bw else None
+                    row["tflops"] = flops / sec / 1e12 if flops else None
+                    row["gbps"] = nbytes / sec / 1e9 if nbytes else None
+                    row["pct_flops_peak"] = 100 * flops / sec / peak_flops if (peak_flops and flops) else None
+                    row["pct_bw_peak"] = 100 * nbytes / sec / peak_bw if (peak_bw and nbytes) else None
                 except Exception as exc:  # fla missing or failing: record, keep going
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                 rows.append(row)
@@ -272,9 +313,10 @@ def _print_row(r):
         print(f"{r['shape']:6} {r['case']:17} {r['impl']:10} error: {r['error']}")
         return
     pct = lambda x: f"{x:6.2f}" if x is not None else "     -"  # noqa: E731
+    num = lambda x, w, p: f"{x:{w}.{p}f}" if x is not None else " " * (w - 1) + "-"  # noqa: E731
     mem = f"{r['peak_mib']:9.0f}" if r["peak_mib"] is not None else "        -"
     print(f"{r['shape']:6} {r['case']:17} {r['impl']:10} {r['N']:4d} {r['T']:5d} {r['d_h']:4d} {r['fwd_ms']:9.2f} "
-          f"{r['fwd_bwd_ms']:11.2f} {r['tflops']:8.3f} {r['gbps']:8.2f} {pct(r['pct_flops_peak'])} "
+          f"{r['fwd_bwd_ms']:11.2f} {num(r['tflops'], 8, 3)} {num(r['gbps'], 8, 2)} {pct(r['pct_flops_peak'])} "
           f"{pct(r['pct_bw_peak'])} {mem}")
 
 
