@@ -111,8 +111,57 @@ class DataConfig:
 
 
 @dataclass
+class MuonConfig:                 # docs/MODEL.md, "Outer optimizers"
+    momentum: float = option(0.95, ge=0, lt=1)
+    nesterov: bool = True
+    ns_steps: int = positive(5)
+    scale: str = option("rms", ("rms", "shape", "none"))   # rms: 0.2 sqrt(max(m, n)), AdamW-sized updates
+
+
+@dataclass
+class M3Config:                   # paper Algorithm 1
+    variant: str = option("ema", ("ema", "printed"))    # printed: sums without decay, as Algorithm 1 prints
+    beta1: float = option(0.9, ge=0, lt=1)   # fast momentum M1
+    beta2: float = option(0.95, ge=0, lt=1)  # second moment V
+    beta3: float = option(0.9, ge=0, lt=1)   # slow momentum M2
+    alpha: float = option(1.0, ge=0)         # weight of the slow momentum
+    frequency: int = positive(8)             # f: M2 is updated once every f steps
+    eps: float = positive(1e-8)
+    ns_steps: int = positive(5)
+    scale: str = option("rms", ("rms", "shape", "none"))   # rms: the update rescaled to RMS 0.2
+
+
+@dataclass
+class DeltaMomentumConfig:        # Eqs. 48-49
+    alpha: float = option(0.95, gt=0, le=1)
+    orthogonalize: bool = True
+    ns_steps: int = positive(5)
+    scale: str = option("rms", ("rms", "shape", "none"))
+
+
+@dataclass
+class DMGDConfig:                 # Eq. 50 (and Eq. 52 with orthogonalize)
+    hidden: int = positive(32)               # memory width h (capped by both matrix dimensions)
+    lr: float = positive(0.1)                # the memory's own learning rate
+    decay: float = option(1.0, gt=0, le=1)   # the memory's own decay (alpha in Eq. 50)
+    orthogonalize: bool = True
+    ns_steps: int = positive(5)
+    scale: str = option("rms", ("rms", "shape", "none"))
+    seed: int = 0                            # memory initialisation
+
+
+OPTIMIZERS = ("adamw", "muon", "m3", "delta_momentum", "dmgd")
+
+
+@dataclass
 class OptimConfig:
-    name: str = option("adamw", ("adamw",))
+    name: str = option("adamw", OPTIMIZERS)
+    # resuming with another optimizer than the checkpoint's: an error unless true (then its state starts fresh)
+    allow_switch: bool = False
+    muon: MuonConfig = field(default_factory=MuonConfig)
+    m3: M3Config = field(default_factory=M3Config)
+    delta_momentum: DeltaMomentumConfig = field(default_factory=DeltaMomentumConfig)
+    dmgd: DMGDConfig = field(default_factory=DMGDConfig)
     lr: float = positive(1e-3)
     min_lr_ratio: float = option(0.1, ge=0, le=1)
     warmup_steps: int = 50

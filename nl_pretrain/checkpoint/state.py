@@ -1,9 +1,12 @@
 """What a checkpoint holds, written so that any layout can read it (docs/CHECKPOINT.md).
 
 Every parameter is stored under its name in the single-device :class:`~nl_pretrain.model.LanguageModel`
-as a record ``{"value", "exp_avg", "exp_avg_sq"[, "acc"]}`` of fp32 tensors: the parameter (the fp32
-master copy where one exists), its AdamW moments, and for a slow CMS step level its accumulated
-gradient. A record is one tensor-parallel shard, full across data parallelism (ZeRO partitions are
+as a record ``{"value", <optimizer state>...[, "acc"]}`` of fp32 tensors: the parameter (the fp32
+master copy where one exists), the state its optimizer keeps for it (AdamW: ``exp_avg``,
+``exp_avg_sq``; the matrix rules: ``optim/rules.py: STATE_KEYS``, keys starting with ``rep:`` are
+whole-matrix tensors replicated over tensor ranks and never sliced), and for a slow CMS step level
+its accumulated gradient. ``counters["optimizer"]`` names the optimizer; resuming under another one
+is refused unless ``optim.allow_switch`` (:func:`check_optimizer_switch`). A record is one tensor-parallel shard, full across data parallelism (ZeRO partitions are
 gathered when saving and scattered when loading), saved by one data-parallel rank (records are dealt
 round-robin over the DP ranks, so they all write). Each shard file also holds the tensor-parallel
 plan (``(style, dim)`` per sharded name) and its tensor rank, so a reader with another TP size
@@ -27,7 +30,8 @@ import numpy as np
 import torch
 
 FORMAT = "nl-pretrain-state/1"
-MOMENTS = ("exp_avg", "exp_avg_sq")
+MOMENTS = ("exp_avg", "exp_avg_sq")      # AdamW; other optimizers: optim/rules.py STATE_KEYS
+REPLICATED = "rep:"                      # whole-matrix state, the same on every tensor rank: never sliced
 
 
 def shard_file(tp: int, pp: int, dp: int) -> str:
@@ -108,26 +112,73 @@ class ParamAccess:
         pass
 
 
+def state_keys(opt, p) -> tuple:
+    """The per-parameter state tensors ``opt`` keeps for ``p``: AdamW's two moments, or what the
+    parameter's rule keeps (:data:`nl_pretrain.optim.rules.STATE_KEYS`)."""
+    if hasattr(opt, "state_keys"):
+        return opt.state_keys(opt_group(opt, p))
+    return MOMENTS
+
+
+def opt_group(opt, p) -> dict:
+    for g in opt.param_groups:
+        if any(q is p for q in g["params"]):
+            return g
+    raise KeyError("parameter not in the optimizer")
+
+
+def _fresh(opt, p) -> dict:
+    if hasattr(opt, "fresh_state"):
+        return opt.fresh_state(opt_group(opt, p), p)
+    return {"step": scalar_step(0), **{k: torch.zeros_like(p) for k in MOMENTS}}
+
+
 def read_plain(p, opt, acc=None) -> dict:
     st = opt.state.get(p) or {}
     rec = {"value": p.detach().float().clone()}
-    for k in MOMENTS:
-        rec[k] = st[k].detach().float().clone() if k in st else torch.zeros_like(rec["value"])
+    keys = state_keys(opt, p)
+    fresh = None if all(k in st for k in keys) else _fresh(opt, p)
+    for k in keys:
+        rec[k] = (st[k] if k in st else fresh[k]).detach().float().clone()
     if acc is not None:
         rec["acc"] = acc.detach().clone()
     return rec
 
 
 def write_plain(p, opt, rec: dict, acc=None) -> None:
+    """``rec`` into ``p`` and its optimizer state; a state tensor the record lacks (a checkpoint of
+    another optimizer) starts fresh."""
     with torch.no_grad():
         p.copy_(rec["value"].to(p.dtype))
     st = opt.state.get(p)
+    fresh = _fresh(opt, p)
     if not st:
-        st = opt.state[p] = {"step": scalar_step(0)}
-    for k in MOMENTS:
-        st[k] = rec[k].to(device=p.device, dtype=p.dtype).clone()
+        st = opt.state[p] = {"step": fresh["step"]}
+    for k in state_keys(opt, p):
+        src = rec[k] if k in rec else fresh[k]
+        st[k] = src.to(device=p.device, dtype=p.dtype).clone()
     if acc is not None:
         acc.copy_(rec["acc"] if "acc" in rec else torch.zeros_like(acc))
+
+
+def check_optimizer_switch(saved_counters: dict, optim_cfg, access: "ParamAccess") -> bool:
+    """Refuse a checkpoint of another optimizer unless ``optim.allow_switch``; then every parameter's
+    optimizer state starts fresh (values and CMS accumulators kept). True when it switched."""
+    saved = saved_counters.get("optimizer", "adamw")        # checkpoints before issue 14: AdamW
+    if saved == optim_cfg.name:
+        return False
+    if not optim_cfg.allow_switch:
+        raise ValueError(f"the checkpoint was trained with optim.name={saved}, this run asks for "
+                         f"optim.name={optim_cfg.name}: resume with --optim.name={saved}, or pass "
+                         f"--optim.allow_switch=true to continue the weights with fresh {optim_cfg.name} state")
+    for n, p in sorted(access.named, key=lambda np_: np_[0]):     # the same order on every rank
+        rec = access.read(n, p)
+        access.write(n, p, {k: v for k, v in rec.items() if k in ("value", "acc")})
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"resume: optimizer switched from {saved} (checkpoint) to {optim_cfg.name}: weights kept, "
+              f"optimizer moments and step counts start fresh", flush=True)
+    return True
 
 
 class LocalAccess(ParamAccess):
@@ -152,9 +203,12 @@ class LocalAccess(ParamAccess):
         write_plain(p, o, rec, acc)
 
     def counters(self):
-        return {"adam_steps": optimizer_steps(self.opt.base), "slow_updates": {i: optimizer_steps(lv["opt"]) for i, lv in self.opt.slow.items()}}
+        return {"adam_steps": optimizer_steps(self.opt.base), "optimizer": self.opt.cfg.name,
+                "slow_updates": {i: optimizer_steps(lv["opt"]) for i, lv in self.opt.slow.items()}}
 
     def set_counters(self, c):
+        if check_optimizer_switch(c, self.opt.cfg, self):
+            c = {"adam_steps": 0, "slow_updates": {}}
         set_optimizer_steps(self.opt.base, c["adam_steps"])
         for i, lv in self.opt.slow.items():
             set_optimizer_steps(lv["opt"], c["slow_updates"].get(i, c["slow_updates"].get(str(i), 0)))
@@ -211,7 +265,8 @@ class Assembler:
         if missing:
             raise KeyError(f"{name}: the checkpoint lacks tensor-parallel pieces {missing}")
         dim = self.plan[name][1]
-        return {k: torch.cat([pieces[t][k] for t in range(self.saved_tp)], dim) for k in pieces[0]}
+        return {k: pieces[0][k] if k.startswith(REPLICATED) else torch.cat([pieces[t][k] for t in range(self.saved_tp)], dim)
+                for k in pieces[0]}
 
     def local(self, name: str, tp_rank: int, tp_size: int, dim: Optional[int]) -> dict:
         """This rank's slice: the saved piece when the TP size is unchanged, else a slice of the whole."""
@@ -222,7 +277,8 @@ class Assembler:
         if tp_size == self.saved_tp and tp_rank in self.pieces[name] and name in self.plan:
             return self.pieces[name][tp_rank]
         whole = self.full(name)
-        return {k: v.narrow(dim, tp_rank * (v.shape[dim] // tp_size), v.shape[dim] // tp_size) for k, v in whole.items()}
+        return {k: v if k.startswith(REPLICATED) else v.narrow(dim, tp_rank * (v.shape[dim] // tp_size), v.shape[dim] // tp_size)
+                for k, v in whole.items()}
 
 
 def model_config_diff(saved: dict, current) -> List[str]:
@@ -239,7 +295,8 @@ def load_records(access: ParamAccess, assembler: Assembler, tp_rank: int, tp_siz
         dim = plan[name][1] if name in plan and tp_size > 1 else None
         rec = assembler.local(name, tp_rank, tp_size, dim)
         for k, v in rec.items():
-            if k != "acc" and tuple(v.shape) != tuple(p.shape) and not hasattr(p, "ds_id"):
+            if (k != "acc" and not k.startswith(REPLICATED) and tuple(v.shape) != tuple(p.shape)
+                    and not hasattr(p, "ds_id")):
                 raise ValueError(f"checkpoint record {name}.{k} has shape {tuple(v.shape)}, the model "
                                  f"{tuple(p.shape)}: the model config differs from the checkpoint's")
         access.write(name, p, rec)

@@ -1,1 +1,2 @@
-from nl_pretrain.optim.optimizer import ModelOptimizer, lr_at  # noqa: F401
+from nl_pretrain.optim.optimizer import (ModelOptimizer, SlowLevels, build_optimizer, lr_at,  # noqa: F401
+                                         optimizer_groups, param_role)

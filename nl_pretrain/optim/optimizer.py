@@ -1,10 +1,17 @@
-"""Outer optimizer: AdamW with warmup + cosine decay, and the CMS step-level schedule (Eq. 71).
+"""Outer optimizers (one builder keyed by ``optim.name``), warmup + cosine decay, and the CMS step-level
+schedule (Eq. 71), written once for one process and for the distributed engine.
 
-Parameters of CMS step levels with ``period`` k > 1 do not change every step: their gradients are
-summed over k optimizer steps into an accumulator and applied once, by an AdamW of their own with
-the level's learning-rate scale, on the steps where ``(step - phase) % k == k - 1``. Levels get
-staggered phases so their updates (and, distributed, their all-reduces) fall on different steps.
-The accumulators and phases are part of :meth:`state_dict`.
+:func:`build_optimizer` turns ``(name, parameter)`` pairs into the optimizer ``optim.name`` asks for:
+``adamw`` is ``torch.optim.AdamW``; ``muon``, ``m3``, ``delta_momentum`` and ``dmgd`` are
+:class:`~nl_pretrain.optim.rules.NLOptimizer` with the rule on every weight matrix
+(:func:`param_role`) and AdamW on every other tensor. The single-process :class:`ModelOptimizer`,
+the engine's client optimizer (``parallel/parallelize.py``) and every slow step level use it.
+
+Parameters of CMS step levels with ``period`` k > 1 do not change every step (:class:`SlowLevels`):
+their gradients are summed over k optimizer steps into an accumulator and applied once, by an
+optimizer of their own with the level's learning-rate scale, on the steps where
+``(step - phase) % k == k - 1``. Levels get staggered phases so their updates (and, distributed,
+their all-reduces) fall on different steps. The accumulators and phases are part of the state.
 """
 from __future__ import annotations
 
@@ -50,15 +57,122 @@ def _param_groups(params: List[tuple], weight_decay: float, lr_scale: float = 1.
     return [g for g in groups if g["params"]]
 
 
-class ModelOptimizer:
-    """Wraps one AdamW for every-step parameters and one per slow CMS step level."""
+MATRIX_EXCLUDE = NO_DECAY + ("lm_head",)
 
-    def __init__(self, model: nn.Module, optim_cfg, cms_levels):
+
+def param_role(name: str, p, optim_name: str) -> str:
+    """``matrix`` (the optimizer's own rule) or ``adamw``: embeddings, the output head, norms, gains,
+    biases, learned initial states, per-head norm/gate tables and every tensor that is not 2-D."""
+    if optim_name == "adamw":
+        return "adamw"
+    if p.ndim == 2 and not any(s in name for s in MATRIX_EXCLUDE):
+        return "matrix"
+    return "adamw"
+
+
+def _tp_dim(p):
+    return getattr(p, "partition_dim", None) if getattr(p, "tensor_model_parallel", False) else None
+
+
+def optimizer_groups(named: List[tuple], cfg, lr_scale: float = 1.0) -> List[dict]:
+    """Parameter groups of ``optim.name`` for one learning-rate scale."""
+    if cfg.name == "adamw":
+        return _param_groups(named, cfg.weight_decay, lr_scale)
+    mats = [(n, p) for n, p in named if param_role(n, p, cfg.name) == "matrix"]
+    ids = {id(p) for _, p in mats}
+    groups = [dict(g, rule="adamw") for g in _param_groups([(n, p) for n, p in named if id(p) not in ids],
+                                                           cfg.weight_decay, lr_scale)]
+    for n, p in mats:
+        dim = _tp_dim(p)
+        full = list(p.shape)
+        if dim is not None:
+            from nl_pretrain.parallel.tensor import tensor_parallel_size
+            full[dim] *= tensor_parallel_size()
+        groups.append({"params": [p], "rule": cfg.name, "weight_decay": cfg.weight_decay, "lr_scale": lr_scale,
+                       "nl_name": n, "nl_shape": tuple(p.shape), "nl_full_shape": tuple(full), "nl_tp_dim": dim})
+    return groups
+
+
+def build_optimizer(groups: List[dict], cfg) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.name`` names over ``groups`` (from :func:`optimizer_groups`)."""
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    from nl_pretrain.optim.rules import NLOptimizer
+    return NLOptimizer(groups, cfg)
+
+
+def clip_coefficient(norm: float, limit: float) -> float:
+    """``torch.nn.utils.clip_grad_norm_``'s factor: ``limit / (norm + 1e-6)`` when below 1."""
+    return min(1.0, limit / (float(norm) + 1e-6))
+
+
+class SlowLevels:
+    """Eq. 71 for the slow CMS step levels of one model or one pipeline stage: ``{level: [(name, p)]}``.
+
+    ``step(step, lr, reduce, norm)`` adds this step's gradients to the accumulators; for each level due
+    it calls ``reduce(level, accumulators)`` (distributed: the DP all-reduce; may be None), clips the
+    sum by ``norm(params)`` (default: its own 2-norm) and applies the level's own optimizer."""
+
+    def __init__(self, named_by_level: Dict[int, List[tuple]], optim_cfg, cms_levels):
         self.cfg = optim_cfg
         periods = [lvl.period if lvl.kind == "step" else 1 for lvl in cms_levels]
         auto = auto_phases(periods)
         self.phases = [lvl.phase if lvl.phase >= 0 else auto[i] for i, lvl in enumerate(cms_levels)]
         self.periods = periods
+        self.levels: Dict[int, dict] = {}
+        self.updates: Dict[int, int] = {}
+        for i, named in sorted(named_by_level.items()):
+            params = [p for _, p in named]
+            opt = build_optimizer(optimizer_groups(named, optim_cfg, cms_levels[i].lr_scale), optim_cfg)
+            self.levels[i] = {"named": named, "params": params, "acc": [torch.zeros_like(p) for p in params],
+                              "opt": opt}
+            self.updates[i] = 0
+
+    def updates_at(self, level: int, step: int) -> bool:
+        k = self.periods[level]
+        return (step - self.phases[level]) % k == k - 1
+
+    def discard_step(self) -> None:
+        for lv in self.levels.values():
+            for p in lv["params"]:
+                p.grad = None
+
+    def step(self, step: int, lr: float, reduce=None, norm=None) -> List[int]:
+        for lv in self.levels.values():                         # Eq. 71: sum over the k steps
+            for p, a in zip(lv["params"], lv["acc"]):
+                if p.grad is not None:
+                    a.add_(p.grad)
+                    p.grad = None
+        due = [i for i in self.levels if self.updates_at(i, step)]
+        limit = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        for i in due:
+            lv = self.levels[i]
+            if reduce is not None:
+                reduce(i, lv["acc"])
+            for p, a in zip(lv["params"], lv["acc"]):
+                p.grad = a.clone()
+            if norm is None:
+                torch.nn.utils.clip_grad_norm_(lv["params"], limit)
+            else:
+                coef = clip_coefficient(norm(lv["params"]), limit)
+                if coef < 1.0:
+                    for p in lv["params"]:
+                        p.grad.mul_(coef)
+            for g in lv["opt"].param_groups:
+                g["lr"] = lr * g["lr_scale"]
+            lv["opt"].step()
+            self.updates[i] += 1
+            for p, a in zip(lv["params"], lv["acc"]):
+                a.zero_()
+                p.grad = None
+        return due
+
+
+class ModelOptimizer:
+    """One process: the ``optim.name`` optimizer for every-step parameters and :class:`SlowLevels`."""
+
+    def __init__(self, model: nn.Module, optim_cfg, cms_levels):
+        self.cfg = optim_cfg
         slow_names: Dict[int, List[tuple]] = {}
         scaled: List[tuple] = []
         for name, mod in model.named_modules():
@@ -72,55 +186,29 @@ class ModelOptimizer:
         slow_ids = {id(p) for ps in slow_names.values() for _, p in ps}
         scaled_ids = {id(p) for _, p in scaled}
         base = [(n, p) for n, p in model.named_parameters() if id(p) not in slow_ids | scaled_ids]
-        groups = _param_groups(base, optim_cfg.weight_decay)
+        groups = optimizer_groups(base, optim_cfg)
         for lvl_idx in sorted({int(n.split(".levels.")[1].split(".")[0]) for n, _ in scaled}):
             mine = [(n, p) for n, p in scaled if f".levels.{lvl_idx}." in n]
-            groups += _param_groups(mine, optim_cfg.weight_decay, cms_levels[lvl_idx].lr_scale)
-        self.base = self._adamw(groups)
-        self.slow = {}
-        for i, named in sorted(slow_names.items()):
-            params = [p for _, p in named]
-            self.slow[i] = {
-                "params": params,
-                "acc": [torch.zeros_like(p) for p in params],
-                "opt": self._adamw(_param_groups(named, optim_cfg.weight_decay, cms_levels[i].lr_scale)),
-            }
-
-    def _adamw(self, groups):
-        c = self.cfg
-        return torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps)
+            groups += optimizer_groups(mine, optim_cfg, cms_levels[lvl_idx].lr_scale)
+        self.base = build_optimizer(groups, optim_cfg)
+        self.schedule = SlowLevels(slow_names, optim_cfg, cms_levels)
+        self.slow = self.schedule.levels
+        self.phases, self.periods = self.schedule.phases, self.schedule.periods
 
     def updates_at(self, level: int, step: int) -> bool:
-        k = self.periods[level]
-        return (step - self.phases[level]) % k == k - 1
+        return self.schedule.updates_at(level, step)
 
     def step(self, step: int, lr: float) -> float:
         """Apply this step's updates; returns the every-step parameters' gradient norm before clipping."""
-        due = []
-        for i, lv in self.slow.items():                         # Eq. 71: sum over the k steps
-            for p, acc in zip(lv["params"], lv["acc"]):
-                if p.grad is not None:
-                    acc.add_(p.grad)
-                    p.grad = None
-            if self.updates_at(i, step):
-                due.append(i)
-                for p, acc in zip(lv["params"], lv["acc"]):
-                    p.grad = acc.clone()
         # clipping: the every-step parameters by their joint norm, each due slow level by the norm of
         # its own k-step sum (docs/MODEL.md, "Gradient clipping"); the same rule distributed
         limit = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         applied = [p for g in self.base.param_groups for p in g["params"] if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(applied, limit)
-        for i in due:
-            torch.nn.utils.clip_grad_norm_(self.slow[i]["params"], limit)
-        for opt in [self.base] + [self.slow[i]["opt"] for i in due]:
-            for g in opt.param_groups:
-                g["lr"] = lr * g["lr_scale"]
-            opt.step()
-        for i in due:
-            for p, acc in zip(self.slow[i]["params"], self.slow[i]["acc"]):
-                acc.zero_()
-                p.grad = None
+        for g in self.base.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+        self.base.step()
+        self.schedule.step(step, lr)
         return float(norm)
 
     def zero_grad(self) -> None:

@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import torch
 
-from nl_pretrain.checkpoint.state import (MOMENTS, ParamAccess, optimizer_steps, read_plain, scalar_step,
-                                          set_optimizer_steps, write_plain)
+from nl_pretrain.checkpoint.state import (MOMENTS, ParamAccess, check_optimizer_switch, optimizer_steps,
+                                          read_plain, scalar_step, set_optimizer_steps, write_plain)
 
 
 def inner_torch_optimizer(opt):
     """The ``torch.optim`` optimizer inside DeepSpeed's wrappers (ZeRO, bf16) or ``opt`` itself."""
-    while not (isinstance(opt, torch.optim.Optimizer) and type(opt).__module__.startswith("torch.optim")):
+    while not (isinstance(opt, torch.optim.Optimizer)
+               and type(opt).__module__.startswith(("torch.optim", "nl_pretrain.optim"))):
         opt = opt.optimizer
     return opt
 
 
 def ensure_adam_state(opt: torch.optim.Optimizer) -> None:
     """Create AdamW's state for parameters that have none yet (before the first step), equivalent to
-    a fresh optimizer: zero moments, step 0."""
+    a fresh optimizer: zero moments, step 0 (the matrix rules: their own fresh state)."""
+    if hasattr(opt, "init_state"):
+        return opt.init_state()
     for group in opt.param_groups:
         for p in group["params"]:
             if not opt.state.get(p):
@@ -52,6 +55,9 @@ class EngineAccess(ParamAccess):
             for p, a in zip(lv["params"], lv["acc"]):
                 self.slow[id(p)] = (lv["opt"], a)
         self.tp_rank = ps.get_tensor_model_parallel_rank()
+        # matrix-rule groups (one matrix each) whose parameter ZeRO replaced by a flat partition: their
+        # state is shaped like the whole (tensor shard of the) matrix, read and written directly
+        self.matrix = {g["nl_name"]: g for g in self.inner.param_groups if g.get("rule", "adamw") != "adamw"}
 
     def owners(self):
         return [(n, p) for n, p in self.named
@@ -76,6 +82,11 @@ class EngineAccess(ParamAccess):
         if self._partitioned(p):
             from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
             rec = {"value": safe_get_full_fp32_param(p).detach().float().cpu().clone()}
+            if name in self.matrix:
+                g = self.matrix[name]
+                st = self.inner.state[g["params"][0]]
+                rec.update({k: st[k].detach().float().cpu().clone() for k in self.inner.state_keys(g)})
+                return rec
             for k in MOMENTS:
                 rec[k] = safe_get_full_optimizer_state(p, k).detach().float().cpu().clone()
             return rec
@@ -91,8 +102,17 @@ class EngineAccess(ParamAccess):
             from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
             dev = self.trainer.device
             safe_set_full_fp32_param(p, rec["value"].to(dev))
-            for k in MOMENTS:
-                safe_set_full_optimizer_state(p, rec[k].to(dev), k)
+            if name in self.matrix:
+                g = self.matrix[name]
+                flat = g["params"][0]
+                st = self.inner.state.get(flat) or self.inner.fresh_state(g, flat)
+                fresh = self.inner.fresh_state(g, flat)
+                for k in self.inner.state_keys(g):
+                    st[k] = (rec[k] if k in rec else fresh[k]).to(device=flat.device, dtype=flat.dtype).clone()
+                self.inner.state[flat] = st
+            else:
+                for k in MOMENTS:
+                    safe_set_full_optimizer_state(p, (rec[k] if k in rec else torch.zeros_like(rec["value"])).to(dev), k)
             if hasattr(p, "ds_id"):                      # ZeRO-3: the low-precision partition too
                 import deepspeed
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
@@ -119,10 +139,12 @@ class EngineAccess(ParamAccess):
                 self.slow[id(p)][1].copy_(state["slow_acc"][n])
 
     def counters(self):
-        return {"adam_steps": optimizer_steps(self.inner),
+        return {"adam_steps": optimizer_steps(self.inner), "optimizer": self.trainer.cfg.optim.name,
                 "slow_updates": {i: optimizer_steps(lv["opt"]) for i, lv in self.trainer.slow.levels.items()}}
 
     def set_counters(self, c):
+        if check_optimizer_switch(c, self.trainer.cfg.optim, self):
+            c = {"adam_steps": 0, "slow_updates": {}}
         set_optimizer_steps(self.inner, c["adam_steps"])
         for i, lv in self.trainer.slow.levels.items():
             set_optimizer_steps(lv["opt"], c["slow_updates"].get(i, c["slow_updates"].get(str(i), 0)))

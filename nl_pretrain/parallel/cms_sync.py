@@ -7,8 +7,9 @@ parameters. Their gradients accumulate in ``p.grad`` over the micro-batches of a
 the step :meth:`StepLevelSync.step` adds them to the level's local accumulator (no communication);
 on the level's update step, and only then, the accumulator is all-reduced over the data-parallel
 group, clipped by its own norm (over all blocks and all tensor/pipeline shards) and applied by the
-level's own AdamW. The phases are :func:`nl_pretrain.optim.optimizer.auto_phases`, so levels sync on
-different steps. Same schedule as the single-process :class:`~nl_pretrain.optim.optimizer.ModelOptimizer`.
+level's own optimizer (``optim.name``). The schedule itself is
+:class:`nl_pretrain.optim.optimizer.SlowLevels`, the one the single-process
+:class:`~nl_pretrain.optim.optimizer.ModelOptimizer` uses: levels sync on different steps.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from nl_pretrain.model.cms import StepLevel
-from nl_pretrain.optim.optimizer import _param_groups, auto_phases
+from nl_pretrain.optim.optimizer import SlowLevels
 
 
 class HiddenLevel(nn.Module):
@@ -70,6 +71,8 @@ def model_parallel_norm(params: List[torch.Tensor], group) -> torch.Tensor:
 
 class StepLevelSync:
     """The slow step levels of the given blocks (this rank's pipeline stage), hidden from DeepSpeed.
+    The schedule is :class:`~nl_pretrain.optim.optimizer.SlowLevels` (as in one process); this adds
+    the DP all-reduce of a due level's accumulator and the clipping norm over every model-parallel shard.
 
     ``dp_group``: where accumulators are all-reduced; ``norm_group``: where the clipping norm is summed
     (the model-parallel group: tensor x pipeline), ``None`` in one process.
@@ -77,20 +80,10 @@ class StepLevelSync:
 
     def __init__(self, blocks: List[Tuple[int, nn.Module]], optim_cfg, cms_levels, dp_group=None, norm_group=None):
         self.cfg, self.group, self.norm_group = optim_cfg, dp_group, norm_group
-        periods = [lvl.period if lvl.kind == "step" else 1 for lvl in cms_levels]
-        auto = auto_phases(periods)
-        self.periods = periods
-        self.phases = [lvl.phase if lvl.phase >= 0 else auto[i] for i, lvl in enumerate(cms_levels)]
-        self.levels = {}
+        self.schedule = SlowLevels(slow_levels(blocks), optim_cfg, cms_levels)
+        self.levels, self.updates = self.schedule.levels, self.schedule.updates
+        self.periods, self.phases = self.schedule.periods, self.schedule.phases
         self.comm_log: List[tuple] = []             # (step, level, bytes): every collective issued
-        self.updates = {}                           # level -> number of updates applied
-        for i, named in sorted(slow_levels(blocks).items()):
-            params = [p for _, p in named]
-            opt = torch.optim.AdamW(_param_groups(named, optim_cfg.weight_decay, cms_levels[i].lr_scale),
-                                    lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps)
-            self.levels[i] = {"named": named, "params": params, "acc": [torch.zeros_like(p) for p in params],
-                              "opt": opt}
-            self.updates[i] = 0
         for _, block in blocks:                     # hide them from the engine
             for j, level in enumerate(block.levels):
                 if isinstance(level, StepLevel) and level.period > 1:
@@ -103,49 +96,27 @@ class StepLevelSync:
         return [np for lv in self.levels.values() for np in lv["named"]]
 
     def updates_at(self, level: int, step: int) -> bool:
-        k = self.periods[level]
-        return (step - self.phases[level]) % k == k - 1
+        return self.schedule.updates_at(level, step)
 
     def discard_step(self) -> None:
         """Drop this step's gradients (a skipped step): accumulators keep their earlier steps."""
-        for lv in self.levels.values():
-            for p in lv["params"]:
-                p.grad = None
+        self.schedule.discard_step()
 
     def step(self, step: int, lr: float) -> List[int]:
         """Add this step's gradients to the accumulators; sync and apply the levels due at ``step``
         (returns their indices)."""
-        for lv in self.levels.values():             # Eq. 71: sum over the k steps, locally
-            for p, a in zip(lv["params"], lv["acc"]):
-                if p.grad is not None:
-                    a.add_(p.grad)
-                    p.grad = None
-        due = [i for i in self.levels if self.updates_at(i, step)]
         world = dist.get_world_size(self.group) if self.group is not None and dist.is_initialized() else 1
-        limit = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        for i in due:
-            lv = self.levels[i]
-            if world > 1:
-                flat = torch.cat([a.reshape(-1) for a in lv["acc"]])
-                dist.all_reduce(flat, group=self.group)
-                self.comm_log.append((step, i, flat.numel() * flat.element_size()))
-                flat /= world
-                offset = 0
-                for a in lv["acc"]:
-                    a.copy_(flat[offset:offset + a.numel()].view_as(a))
-                    offset += a.numel()
-            for p, a in zip(lv["params"], lv["acc"]):
-                p.grad = a.clone()
-            norm = model_parallel_norm(lv["params"], self.norm_group)
-            coef = limit / (float(norm) + 1e-6)
-            if coef < 1.0:
-                for p in lv["params"]:
-                    p.grad.mul_(coef)
-            for g in lv["opt"].param_groups:
-                g["lr"] = lr * g["lr_scale"]
-            lv["opt"].step()
-            self.updates[i] += 1
-            for p, a in zip(lv["params"], lv["acc"]):
-                a.zero_()
-                p.grad = None
-        return due
+
+        def reduce(i, accs):
+            if world == 1:
+                return
+            flat = torch.cat([a.reshape(-1) for a in accs])
+            dist.all_reduce(flat, group=self.group)
+            self.comm_log.append((step, i, flat.numel() * flat.element_size()))
+            flat /= world
+            offset = 0
+            for a in accs:
+                a.copy_(flat[offset:offset + a.numel()].view_as(a))
+                offset += a.numel()
+
+        return self.schedule.step(step, lr, reduce, lambda params: model_parallel_norm(params, self.norm_group))

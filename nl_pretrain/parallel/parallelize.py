@@ -11,7 +11,8 @@ Applied from outside the model, always in this order (each step needs the one be
    (recomputed in the backward). After 2, so the hidden levels are recomputed with their block.
 4. **The engine**: the model as a DeepSpeed ``PipelineModule`` (``parallel.pipeline > 1``) or as a
    :class:`LossModule`, with ZeRO-3's external parameters registered, inside ``deepspeed.initialize``
-   with a client AdamW (parameter groups as in the single-process optimizer), ZeRO over the DP group,
+   with the client optimizer of ``optim.name`` (``optim.build_optimizer``, parameter groups as in the
+   single-process optimizer), ZeRO over the DP group,
    bf16 and gradient accumulation. Last, because DeepSpeed takes the modules as they are then.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Dict, List
 import torch
 import torch.nn as nn
 
-from nl_pretrain.optim.optimizer import _param_groups
+from nl_pretrain.optim.optimizer import build_optimizer, optimizer_groups
 from nl_pretrain.parallel.cms_sync import StepLevelSync
 from nl_pretrain.parallel.tensor import apply_tensor_parallel, parallel_loss
 from nl_pretrain.parallel.topology import DeepSpeedMPU, Layout, stage_layers
@@ -41,6 +42,8 @@ def deepspeed_config(cfg, layout: Layout) -> dict:
         "bf16": {"enabled": cfg.train.precision == "bf16"},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
+        # the matrix optimizers (one group per matrix; DeepSpeed hands them flat partitions under ZeRO 1/2)
+        "zero_allow_untested_optimizer": cfg.optim.name != "adamw",
     }
 
 
@@ -92,16 +95,29 @@ def _zero3_external_parameters(wrapper: LossModule) -> None:
         register_external_parameter(wrapper, model.embed.weight)
 
 
-def _every_step_groups(model: nn.Module, named: List[tuple], weight_decay: float) -> list:
-    """Parameter groups as in ModelOptimizer: decay / no decay, and a group per period-1 step level
-    with its own ``lr_scale``."""
+def _every_step_groups(model: nn.Module, named: List[tuple], optim_cfg) -> list:
+    """Parameter groups as in ModelOptimizer (``optimizer_groups`` of ``optim.name``), and groups per
+    period-1 step level with its own ``lr_scale``."""
     from nl_pretrain.model.cms import StepLevel
     scale = {id(p): mod.lr_scale for mod in model.modules() if isinstance(mod, StepLevel) and mod.lr_scale != 1.0
              for p in mod.parameters()}
-    groups = _param_groups([(n, p) for n, p in named if id(p) not in scale], weight_decay)
+    groups = optimizer_groups([(n, p) for n, p in named if id(p) not in scale], optim_cfg)
     for s in sorted(set(scale.values())):
-        groups += _param_groups([(n, p) for n, p in named if scale.get(id(p)) == s], weight_decay, s)
+        groups += optimizer_groups([(n, p) for n, p in named if scale.get(id(p)) == s], optim_cfg, s)
     return groups
+
+
+def check_optimizer_layout(cfg, layout: Layout) -> None:
+    """The matrix optimizers run on whole matrices (docs/PARALLEL.md, "Outer optimizers")."""
+    from nl_pretrain.config import ConfigError
+    if cfg.optim.name == "adamw":
+        return
+    if layout.zero_stage == 3:
+        raise ConfigError(f"optim.name={cfg.optim.name} does not run under parallel.zero_stage=3 yet (ZeRO-3 "
+                          f"partitions the weights themselves); use parallel.zero_stage 0, 1 or 2")
+    if cfg.train.precision == "bf16":
+        raise ConfigError(f"optim.name={cfg.optim.name} is not tested under DeepSpeed's bf16 engine yet; "
+                          f"use train.precision=fp32 for distributed runs (or optim.name=adamw)")
 
 
 @dataclass
@@ -119,6 +135,7 @@ def parallelize(model: nn.Module, cfg, layout: Layout, device: torch.device) -> 
     from megatron.core import parallel_state as ps
     from nl_pretrain.parallel.random import seed_model_parallel
 
+    check_optimizer_layout(cfg, layout)
     # 1. tensor parallel: this rank's shard of every tensor, then the per-rank random streams
     apply_tensor_parallel(model)
     seed_model_parallel(cfg.train.seed)
@@ -145,9 +162,7 @@ def parallelize(model: nn.Module, cfg, layout: Layout, device: torch.device) -> 
         if layout.zero_stage == 3:
             _zero3_external_parameters(module)
     named = [(names[id(p)], p) for p in module.parameters()]
-    o = cfg.optim
-    opt = torch.optim.AdamW(_every_step_groups(model, named, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
-                            eps=o.eps)
+    opt = build_optimizer(_every_step_groups(model, named, cfg.optim), cfg.optim)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=deepspeed_config(cfg, layout),
                                            mpu=mpu, model_parameters=[p for _, p in named])
     return Parallelized(engine, slow, names, named, block_ids)
