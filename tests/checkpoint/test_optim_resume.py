@@ -1,0 +1,61 @@
+"""Checkpoints of the matrix optimizers (issue 14), one process: bitwise resume for each optimizer,
+records carrying each rule's state, and resuming under another optimizer (refused unless asked)."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from nl_pretrain.config import build_config
+from nl_pretrain.optim.rules import STATE_KEYS
+from nl_pretrain.train.loop import train
+from workers import tiny_tree
+
+N = 6
+
+
+def ckpt(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step:08d}"
+
+
+def single(run_dir, name, steps=N, **extra):
+    tree = tiny_tree("hope", steps=steps)          # has a period-2 slow CMS level
+    tree["optim"] = {**tree["optim"], "name": name, **extra.pop("optim", {})}
+    tree["train"] = {**tree["train"], "run_dir": str(run_dir), "log_every": 1, "eval_every": 10 ** 6,
+                     "threads": 1, **extra.pop("train", {})}
+    tree["checkpoint"] = {"keep_last": 0, **extra.pop("checkpoint", {})}
+    return build_config(tree)
+
+
+@pytest.mark.parametrize("name", ["muon", "m3", "delta_momentum", "dmgd"])
+def test_exact_resume_for_each_optimizer(tmp_path, name):
+    a = train(single(tmp_path / "a", name, optim={"m3": {"frequency": 2}}, checkpoint={"every": 3}))
+    b = train(single(tmp_path / "b", name, optim={"m3": {"frequency": 2}},
+                     train={"resume": str(ckpt(tmp_path / "a", 3))}))
+    assert b["losses"] == a["losses"][3:]
+    ra = torch.load(ckpt(tmp_path / "a", N) / "shard-tp000-pp000-dp00000.pt", weights_only=False)["records"]
+    rb = torch.load(ckpt(tmp_path / "b", N) / "shard-tp000-pp000-dp00000.pt", weights_only=False)["records"]
+    keys = {k for rec in ra.values() for k in rec}
+    assert set(STATE_KEYS[name]) | {"value", "exp_avg", "exp_avg_sq", "acc"} >= keys >= set(STATE_KEYS[name])
+    for n in ra:
+        assert ra[n].keys() == rb[n].keys()
+        for k in ra[n]:
+            assert torch.equal(ra[n][k], rb[n][k]), f"{n}.{k}"
+
+
+def test_resume_with_another_optimizer_is_refused_unless_asked(tmp_path, capsys):
+    train(single(tmp_path / "a", "adamw", steps=2))
+    with pytest.raises(ValueError) as e:
+        train(single(tmp_path / "b", "muon", steps=3, train={"resume": str(ckpt(tmp_path / "a", 2))}))
+    assert str(e.value) == ("the checkpoint was trained with optim.name=adamw, this run asks for optim.name=muon: "
+                            "resume with --optim.name=adamw, or pass --optim.allow_switch=true to continue the "
+                            "weights with fresh muon state")
+    out = train(single(tmp_path / "c", "muon", steps=3, optim={"allow_switch": True},
+                       train={"resume": str(ckpt(tmp_path / "a", 2))}))
+    said = capsys.readouterr().out
+    assert "resume: optimizer switched from adamw (checkpoint) to muon: weights kept, optimizer moments and " \
+           "step counts start fresh" in said
+    assert len(out["losses"]) == 1
+    rec = torch.load(ckpt(tmp_path / "c", 3) / "shard-tp000-pp000-dp00000.pt", weights_only=False)["records"]
+    assert "momentum" in rec["blocks.0.mixer.w_q.weight"] and "exp_avg" in rec["embed.weight"]
+    common = torch.load(ckpt(tmp_path / "c", 3) / "common.pt", weights_only=False)
+    assert common["counters"]["optimizer"] == "muon" and common["counters"]["adam_steps"] == 1
