@@ -59,3 +59,35 @@ def test_resume_with_another_optimizer_is_refused_unless_asked(tmp_path, capsys)
     assert "momentum" in rec["blocks.0.mixer.w_q.weight"] and "exp_avg" in rec["embed.weight"]
     common = torch.load(ckpt(tmp_path / "c", 3) / "common.pt", weights_only=False)
     assert common["counters"]["optimizer"] == "muon" and common["counters"]["adam_steps"] == 1
+
+
+# ------------------------------------------------------------------------------------ distributed
+DIST = {"dp2-zero2-muon-hope": (tiny_tree("hope", zero=2, steps=N), "muon", 2),
+        "tp2-dmgd-hope": (tiny_tree("hope", tp=2, steps=N), "dmgd", 1)}
+
+
+def _dist_tree(name, run_dir, **train_extra):
+    from resume_workers import with_checkpoints
+    tree, optim, _ = DIST[name]
+    tree = {**tree, "optim": {**tree["optim"], "name": optim}}
+    return with_checkpoints(tree, str(run_dir), every=N // 2, **({"train": train_extra} if train_extra else {}))
+
+
+def test_distributed_exact_resume_and_resume_on_one_process(tmp_path):
+    from harness import run_distributed
+    from resume_workers import train_runs
+    names = list(DIST)
+    straight = run_distributed(train_runs, 2, [_dist_tree(n, tmp_path / "a" / n) for n in names], timeout=900)
+    resumed = run_distributed(train_runs, 2, [_dist_tree(n, tmp_path / "b" / n,
+                                                         resume=str(ckpt(tmp_path / "a" / n, N // 2)))
+                                              for n in names], timeout=900)
+    for i, n in enumerate(names):
+        full = straight[0][i]["losses"]
+        for rank in resumed:
+            assert rank[i]["losses"] == full[N // 2:], f"{n}: resumed losses differ (bitwise)"
+        # another layout: one process continues from the distributed checkpoint
+        tree, optim, dp = DIST[n]
+        cfg = single(tmp_path / "c" / n, optim, train={"resume": str(ckpt(tmp_path / "a" / n, N // 2)),
+                                                       "micro_batch_size": tree["train"]["micro_batch_size"] * dp})
+        one = train(cfg)
+        torch.testing.assert_close(torch.tensor(one["losses"]), torch.tensor(full[N // 2:]), rtol=1e-4, atol=1e-4)
