@@ -41,6 +41,8 @@ def cmd_info(args) -> int:
     for k, v in counts.items():
         print(f"  {k:38s} {v:>15,}")
     print(f"parameters: {sum(counts.values())}")
+    from nl_pretrain.optim.optimizer import role_summary
+    print("\n".join(role_summary(cfg.model, cfg.optim)))
     return 0
 
 

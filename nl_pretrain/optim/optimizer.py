@@ -234,3 +234,26 @@ class ModelOptimizer:
             lv["opt"].load_state_dict(state["slow"][i]["opt"])
             for a, saved in zip(lv["acc"], state["slow"][i]["acc"]):
                 a.copy_(saved)
+
+
+def role_summary(model_cfg, optim_cfg) -> List[str]:
+    """Lines for ``nl-pretrain info``: which tensors the optimizer's rule gets and which get AdamW."""
+    import re
+    from nl_pretrain.model import LanguageModel
+    with torch.device("meta"):
+        model = LanguageModel(model_cfg)
+    by_role: Dict[str, Dict[str, list]] = {"matrix": {}, "adamw": {}}
+    for name, p in model.named_parameters():
+        kind = re.sub(r"\.\d+(?=\.|$)", ".*", name)
+        entry = by_role[param_role(name, p, optim_cfg.name)].setdefault(kind, [0, 0])
+        entry[0] += 1
+        entry[1] += p.numel()
+    rule = optim_cfg.name
+    out = [f"optimizer {rule}" + ("" if rule == "adamw" else ": its rule on 2-D weight matrices, AdamW on the rest")]
+    for role, title in (("matrix", rule), ("adamw", "adamw")):
+        kinds = by_role[role]
+        if not kinds:
+            continue
+        out.append(f"  {title}: {sum(v[1] for v in kinds.values()):,} parameters in {sum(v[0] for v in kinds.values())} tensors")
+        out += [f"    {k} (x{v[0]})" for k, v in sorted(kinds.items())]
+    return out
