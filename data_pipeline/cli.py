@@ -27,12 +27,48 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     p.add_argument("--ray-address", help="connect to this Ray cluster (default: $RAY_ADDRESS or a local one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verify", action="store_true",
+                   help="check every shard's size and sha256 afterwards (if --out already holds a dataset and "
+                        "--overwrite is not given: only check it)")
     p.set_defaults(func=run)
+    v = subparsers.add_parser("verify-data", help="check every shard of a prepared dataset against its manifest",
+                              description="Check that every shard and index file of a prepared dataset is present, "
+                                          "of the recorded size and (unless --size-only) matches its sha256.")
+    v.add_argument("dataset", metavar="DIR", help="a prepared dataset directory (holds manifest.json)")
+    v.add_argument("--size-only", action="store_true", help="check presence and sizes only (no reading)")
+    v.set_defaults(func=run_verify)
     return p
 
 
+def verify(dataset: str, full: bool = True) -> int:
+    """Print what is wrong with ``dataset`` (every bad file); 0 if nothing, 2 otherwise."""
+    from data_pipeline.manifest import dataset_problems
+    try:
+        m, problems = dataset_problems(dataset, full=full)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    what = "sizes and sha256" if full else "sizes"
+    if problems:
+        for line in problems:
+            print(f"  bad: {line}", file=sys.stderr)
+        print(f"error: {dataset}: {len(problems)} of {m['_files_checked']} files fail the check ({what}); "
+              f"prepare the dataset again (nl-pretrain prepare-data --overwrite --out {dataset} ...), or train "
+              f"with --data.skip_corrupt=true to skip the unreadable samples", file=sys.stderr)
+        return 2
+    print(f"dataset {dataset}: {m['_files_checked']} files ok ({what}), fingerprint {m['fingerprint'][:16]}")
+    return 0
+
+
+def run_verify(args) -> int:
+    return verify(args.dataset, full=not args.size_only)
+
+
 def run(args) -> int:
+    from pathlib import Path
     from data_pipeline.prepare import prepare_dataset
+    if args.verify and (Path(args.out) / "manifest.json").exists() and not args.overwrite:
+        return verify(args.out)
     sources = args.source or ["default"]
     try:
         m = prepare_dataset(sources if len(sources) > 1 else sources[0], args.out, vocab_size=args.vocab_size,
@@ -55,4 +91,4 @@ def run(args) -> int:
               f"{d['empty_documents']} empty documents skipped")
     print(f"  {r['seconds']['total']:.1f} s ({r['seconds']['tokenizer']:.1f} s tokenizer), "
           f"{r['tokens_per_s']:,.0f} tokens/s tokenize+pack+write with {r['workers']} workers")
-    return 0
+    return verify(args.out) if args.verify else 0

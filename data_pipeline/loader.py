@@ -16,6 +16,7 @@ of batches and every sample is seen exactly once across ranks.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
@@ -86,8 +87,10 @@ class _RankBatches:
 class SampleStore:
     """Random access to the samples of one split: global index -> (tokens, cu_seqlens)."""
 
-    def __init__(self, root: Path, split: str, manifest: dict):
+    def __init__(self, root: Path, split: str, manifest: dict, skip_corrupt: bool = False):
         self.root, self.split = root, split
+        self.skip_corrupt = skip_corrupt
+        self.skipped = 0          # in this process (a DataLoader worker counts its own; batches carry theirs)
         info = manifest["splits"][split]
         self.seq_len = manifest["seq_len"]
         self.vocab_size = manifest["vocab_size"]
@@ -155,10 +158,21 @@ class SampleStore:
         seg = np.zeros((B, T + 1), dtype=np.int64)
         n_real = np.zeros(B, dtype=np.int64)
         pos = np.arange(T + 1)
+        skipped = 0
         for b, i in enumerate(indices):
             if i < 0:                          # padding row of a final validation step
                 continue
-            t, cu = self.read(int(i))
+            try:
+                t, cu = self.read(int(i))
+            except CorruptShardError as exc:
+                if not self.skip_corrupt:
+                    raise CorruptShardError(f"{exc} (or pass --data.skip_corrupt=true to skip unreadable "
+                                            f"samples)") from None
+                skipped += 1
+                self.skipped += 1
+                print(f"warning: skipped unreadable sample {int(i)} of split '{self.split}' (a padding row, "
+                      f"no loss): {exc}", file=sys.stderr, flush=True)
+                continue                       # stays a padding row: labels -100
             tok[b] = t
             seg[b] = np.searchsorted(cu[1:], pos, side="right")   # segment of each position
             n_real[b] = cu[-1]
@@ -168,6 +182,8 @@ class SampleStore:
                "doc_ids": torch.from_numpy(np.ascontiguousarray(seg[:, :T]))}
         if return_indices:
             out["indices"] = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+        if skipped:
+            out["skipped"] = skipped
         return out
 
     def close(self):
@@ -199,7 +215,7 @@ class TokenLoader:
 
     def __init__(self, dataset_dir: str, split: str, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
                  seed: int = 0, num_workers: int = 0, loop: bool = True, *, verify: bool = False,
-                 return_indices: bool = False, prefetch_factor: int = 4):
+                 return_indices: bool = False, prefetch_factor: int = 4, skip_corrupt: bool = False):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size ({micro_batch_size}) must be >= 1")
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
@@ -225,7 +241,7 @@ class TokenLoader:
         if self.num_samples == 0:
             raise ValueError(f"split '{split}' of {dataset_dir} has no samples; prepare it with more documents "
                              f"or a larger --val-fraction")
-        self.store = SampleStore(root, split, self.manifest)
+        self.store = SampleStore(root, split, self.manifest, skip_corrupt=skip_corrupt)
         self._order = _Order(self.num_samples, self.seed, loop)
         self._consumed = 0
         self._generation = 0

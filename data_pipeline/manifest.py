@@ -89,3 +89,31 @@ def verify_dataset(dataset_dir: str, splits=("train", "val"), full: bool = True)
                     raise CorruptShardError(f"shard file '{p}' fails its sha256 check (corrupt); "
                                             f"prepare the dataset again")
     return m
+
+
+def dataset_problems(dataset_dir: str, full: bool = True) -> tuple:
+    """``(manifest, problems)``: every shard and index of every split checked (present, recorded size,
+    and with ``full`` its sha256), each problem a line naming the file. Raises ManifestError /
+    FileNotFoundError when there is no readable manifest at all."""
+    m = load_manifest(dataset_dir)
+    d = Path(dataset_dir)
+    problems = []
+    tok = d / m["tokenizer"]["file"]
+    if not tok.is_file() or sha256_file(tok) != m["tokenizer"]["sha256"]:
+        problems.append(f"{tok}: missing or not the tokenizer recorded in the manifest")
+    files = 0
+    for split, info in m["splits"].items():
+        for sh in info["shards"]:
+            for name, size, digest in ((sh["file"], sh["bytes"], sh["sha256"]),
+                                       (sh["index"], sh["index_bytes"], sh["index_sha256"])):
+                p, files = d / name, files + 1
+                if not p.is_file():
+                    problems.append(f"{p}: missing")
+                elif p.stat().st_size != size:
+                    problems.append(f"{p}: {p.stat().st_size} bytes, the manifest records {size} (truncated or "
+                                    f"overwritten)")
+                elif full and sha256_file(p) != digest:
+                    problems.append(f"{p}: fails its sha256 check (corrupt, same size)")
+    m = dict(m)
+    m["_files_checked"] = files
+    return m, problems
