@@ -1,4 +1,6 @@
-"""``nl-pretrain``: train, info, export, prepare-data."""
+"""``nl-pretrain``: train, info, export, prepare-data, verify-data.
+
+A user-facing failure is one ``error:`` line on stderr and exit status 2."""
 from __future__ import annotations
 
 import argparse
@@ -54,6 +56,13 @@ def cmd_train(args) -> int:
         from nl_pretrain.parallel.dryrun import dry_run_report
         print(dry_run_report(cfg, args.world_size or world, args.global_batch))
         return 0
+    from nl_pretrain.train.preflight import RunFinished, preflight
+    try:        # device, layout, data, resume: before any process group, model or file
+        preflight(cfg, world)
+    except RunFinished as done:
+        if os.environ.get("RANK", "0") == "0":
+            print(done, flush=True)
+        return 0
     p = cfg.parallel
     if world > 1 or p.tensor > 1 or p.pipeline > 1 or p.zero_stage > 0:
         from nl_pretrain.parallel.topology import shutdown
@@ -65,6 +74,8 @@ def cmd_train(args) -> int:
     else:
         from nl_pretrain.train.loop import train
         summary = train(cfg)
+    if summary.get("finished"):
+        return 0
     if "val_loss" in summary and os.environ.get("RANK", "0") == "0":
         print(f"done: held-out loss {summary['val_loss']:.4f} (perplexity {summary['val_ppl']:.2f}), "
               f"checkpoint {summary.get('checkpoint', '-')}")
@@ -119,10 +130,13 @@ def main(argv=None) -> int:
         args.overrides.append(f"--train.resume={args.resume}")
     if rest and args.command not in ("train", "info"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    from nl_pretrain.checkpoint.store import CheckpointError
+    from nl_pretrain.train.rundir import RunDirBusy
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, ValueError, CheckpointError, RunDirBusy, FloatingPointError) as exc:
+        # one line: what failed, the value, the fix (the messages say all three)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
 

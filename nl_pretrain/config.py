@@ -108,6 +108,11 @@ class DataConfig:
     max_documents: int = 0        # built-in corpus: cap on documents (0 = all)
     val_fraction: float = option(0.01, ge=0, lt=1)
     num_workers: int = 0
+    # prepared datasets: check shards at start by size (cheap) or sha256 (reads every byte; also
+    # `nl-pretrain verify-data DIR`); skip_corrupt: an unreadable sample becomes a padding row (no loss),
+    # counted (metrics `skipped_samples`) and logged, instead of stopping the run
+    verify: str = option("size", ("size", "full"))
+    skip_corrupt: bool = False
 
 
 @dataclass
@@ -185,7 +190,7 @@ class TrainConfig:
     eval_batches: int = 8
     run_dir: str = "runs/default"
     progress: bool = True
-    threads: int = 0              # torch intra-op threads (0 = torch default)
+    threads: int = 0              # torch intra-op threads (0 = the cores this process may use / local ranks)
     resume: str = ""              # "" (fresh run) | auto (newest complete checkpoint, if any) | a checkpoint dir
     # non-finite loss: skip the step | rollback to the last checkpoint | stop
     on_nan: str = option("skip", ("skip", "rollback", "stop"))
@@ -290,7 +295,10 @@ def _set_dotted(tree: Dict[str, Any], dotted: str, raw: str) -> None:
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override --{dotted}: '{k}' is not a section")
-    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"override --{dotted}={raw}: the value is not valid YAML; quote it or fix it") from None
 
 
 def parse_overrides(args: List[str]) -> List[tuple]:
@@ -337,7 +345,15 @@ def load_config(path: Optional[str], overrides: Optional[List[str]] = None) -> R
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file '{path}' does not exist (see configs/ for examples)")
-        tree = yaml.safe_load(p.read_text()) or {}
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark, ctx = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            if ctx is not None and mark is not None and ctx.line != mark.line:
+                where += f" (in what {getattr(exc, 'context', None) or 'starts'} at line {ctx.line + 1})"
+            what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"config file '{path}'{where}: not valid YAML ({what}); fix the file") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
     for key, raw in parse_overrides(overrides or []):

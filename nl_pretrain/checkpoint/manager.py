@@ -17,7 +17,7 @@ import torch
 from nl_pretrain.checkpoint.state import (FORMAT, Assembler, ParamAccess, capture_rng, collect_records,
                                           load_records, local_file, model_config_diff, pick_latest,
                                           restore_rng, shard_file)
-from nl_pretrain.checkpoint.store import CheckpointStore, LocalComm, TorchDistComm
+from nl_pretrain.checkpoint.store import CheckpointError, CheckpointStore, LocalComm, TorchDistComm
 from nl_pretrain.config import ConfigError, dump_config
 
 
@@ -92,12 +92,35 @@ class Checkpointer:
         self.store.wait()
 
     def find(self, resume: str) -> Optional[str]:
-        """The checkpoint to resume from (``auto``: newest complete one, None if there is none)."""
-        return pick_latest(self.store, self.comm, self.c["rank"], resume)
+        """The checkpoint to resume from (``auto``: newest complete one, None if there is none).
+
+        Whichever way it is named, rank 0 verifies it before anyone loads it (``checkpoint.verify``:
+        ``full`` checks every file's sha256, ``size`` only sizes): ``auto`` skips a bad checkpoint with a
+        warning, a named one that fails raises :class:`CheckpointError` on every rank, naming the file."""
+        if resume == "auto":
+            return pick_latest(self.store, self.comm, self.c["rank"], resume)
+        verdict = None
+        if self.c["rank"] == 0:
+            path = Path(resume)
+            if not path.is_dir():
+                verdict = ("missing", f"--resume {resume}: no such directory; use --resume auto or a "
+                                      f"<run_dir>/checkpoints/step-XXXXXXXX directory")
+            else:
+                problem = CheckpointStore(path.parent).problem(path, full=self.cfg.checkpoint.verify == "full")
+                if problem:
+                    verdict = ("corrupt", f"checkpoint {path} fails verification (checkpoint.verify="
+                                          f"{self.cfg.checkpoint.verify}): {problem}. It was not loaded: resume "
+                                          f"from an older checkpoint (--resume auto takes the newest intact one)")
+        verdict = self.comm.broadcast_object(verdict, src=0)
+        if verdict is not None:
+            if verdict[0] == "missing":
+                raise FileNotFoundError(verdict[1])
+            raise CheckpointError(verdict[1] if self.c["rank"] == 0 else f"{verdict[1]} (reported by rank 0)")
+        return str(Path(resume))
 
     def load(self, path: str) -> dict:
-        """Collective: load ``path`` into this rank's model and optimizer; returns the common state
-        (step, tokens, data, counters, ...)."""
+        """Collective: load ``path`` (verified by :meth:`find`) into this rank's model and optimizer;
+        returns the common state (step, tokens, data, counters, ...)."""
         path = Path(path)
         common = self.store.read(path, "common.pt", verify=False)
         if common.get("format") != FORMAT:

@@ -273,6 +273,7 @@ class CheckpointStore:
                 raise CheckpointError(f"checkpoint step {job.step}: could not serialise {name!r} on rank "
                                       f"{self.rank} with torch.save: {e!r}") from e
             entries.append({"name": name, "bytes": nbytes, "sha256": sha})
+            _maybe_kill_in_save(job.step, self.rank, self.root)
         manifest = f"rank-{self.rank:05d}.json"
         try:
             _fsync_dir(job.tmp)
@@ -602,6 +603,21 @@ def _write_file(path: Path, obj: Any, rank: int) -> Tuple[int, str]:
             raise writer.error from e
         raise
     return writer.bytes, writer.sha256.hexdigest()
+
+
+def _maybe_kill_in_save(step: int, rank: int, root: Path) -> None:
+    """Fault injection (tests): ``NL_PRETRAIN_FAULT_KILL_SAVE=<rank>:<step>`` SIGKILLs that rank once,
+    after it wrote its first file of that step's save (a marker file in the checkpoint root makes it
+    happen once)."""
+    spec = os.environ.get("NL_PRETRAIN_FAULT_KILL_SAVE", "")
+    if not spec:
+        return
+    r, s = (int(x) for x in spec.split(":"))
+    marker = root / ".fault-kill-save-done"
+    if r == rank and s == step and not marker.exists():
+        marker.write_text(f"rank {rank} killed while saving step {step}\n")
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -233,15 +233,18 @@ def train_distributed(cfg: RunConfig) -> dict:
     """``nl-pretrain train`` under torchrun / the DeepSpeed launcher / Ray / srun."""
     from nl_pretrain.checkpoint.manager import check_checkpoint_config
     check_checkpoint_config(cfg)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    from nl_pretrain.train.loop import set_threads
+    set_threads(cfg.train.threads)
     trainer = DistributedTrainer(cfg)
     lock = _lock_run_dir(cfg, dist.get_rank())
+    failed = True
     try:
-        return fit(cfg, trainer)
+        out = fit(cfg, trainer)
+        failed = False
+        return out
     finally:
         if lock is not None:
-            lock.release()
+            lock.release(cleanup=failed)          # a failed start leaves no empty run directory
 
 
 def _lock_run_dir(cfg: RunConfig, rank: int):

@@ -16,6 +16,7 @@ class DataSource:
     description: str
     state: Callable[[], dict]
     loader: Optional[object] = None
+    skipped: Callable[[], int] = lambda: 0      # unreadable samples replaced by padding (data.skip_corrupt)
 
 
 def build_data(d, micro_batch_size: int, seed: int, dp_rank: int = 0, dp_size: int = 1,
@@ -29,8 +30,11 @@ def build_data(d, micro_batch_size: int, seed: int, dp_rank: int = 0, dp_size: i
                                     f"`nl-pretrain prepare-data --out {d.dataset}` or leave data.dataset empty "
                                     f"for the built-in byte corpus")
         from data_pipeline import TokenLoader
+        from data_pipeline.manifest import load_manifest
+        load_manifest(d.dataset)                  # a missing or unfinished dataset: its own message
         train = TokenLoader(d.dataset, "train", micro_batch_size, dp_rank, dp_size, seed=seed,
-                            num_workers=d.num_workers, loop=True)
+                            num_workers=d.num_workers, loop=True, verify=d.verify == "full",
+                            skip_corrupt=d.skip_corrupt)
         if train.seq_len != d.seq_len:
             raise ValueError(f"data.seq_len ({d.seq_len}) differs from the dataset's seq_len ({train.seq_len}) "
                              f"in {d.dataset}; set --data.seq_len={train.seq_len} or prepare the data again")
@@ -38,10 +42,17 @@ def build_data(d, micro_batch_size: int, seed: int, dp_rank: int = 0, dp_size: i
             train.load_state_dict(state)
 
         def make_val():
-            return iter(TokenLoader(d.dataset, "val", micro_batch_size, dp_rank, dp_size, seed=seed, loop=False))
-        return DataSource(train.vocab_size, iter(train), make_val,
+            return iter(TokenLoader(d.dataset, "val", micro_batch_size, dp_rank, dp_size, seed=seed, loop=False,
+                                    skip_corrupt=d.skip_corrupt))
+        skipped = {"n": 0}
+
+        def counted():
+            for batch in train:
+                skipped["n"] += int(batch.pop("skipped", 0))
+                yield batch
+        return DataSource(train.vocab_size, counted(), make_val,
                           f"dataset {d.dataset} ({train.num_samples} train sequences of {train.seq_len})",
-                          train.state_dict, loader=train)
+                          train.state_dict, loader=train, skipped=lambda: skipped["n"])
     tr = ByteCorpus(d.source, "train", d.seq_len, d.val_fraction, d.max_documents)
     va = ByteCorpus(d.source, "val", d.seq_len, d.val_fraction, d.max_documents) if d.val_fraction > 0 else None
     start = 0

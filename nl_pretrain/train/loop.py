@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nl_pretrain.config import RunConfig, dump_config
+from nl_pretrain.config import ConfigError, RunConfig, dump_config
 from nl_pretrain.optim import lr_at
 from nl_pretrain.train.flops import device_peak_tflops, flops_per_token
 
@@ -32,31 +33,92 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which taskset / cgroups / SLURM narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):         # not Linux
+        return os.cpu_count() or 1
+
+
+def set_threads(threads: int) -> int:
+    """torch intra-op threads: ``threads``, or (0) the cores this process may use shared by the ranks
+    of this node (``LOCAL_WORLD_SIZE``). torch's own default counts every core of the machine, which
+    on an oversubscribed machine ran 20-30x slower than one thread."""
+    n = threads or max(1, available_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    torch.set_num_threads(n)
+    return n
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible; use --train.device=cpu")
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use --train.device=cpu")
     return torch.device(name)
 
 
+def json_safe(value):
+    """``value`` with every non-finite float replaced by None: the file stays valid JSON (no bare NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def dumps(value, **kw) -> str:
+    return json.dumps(json_safe(value), allow_nan=False, **kw)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of steps <= ``step`` (what the checkpoint a run resumes from has seen), so the
+    replayed steps are written once; atomic (a crash leaves the old file or the new one). A torn last
+    line (a crash mid-write) is dropped."""
+    from nl_pretrain.train.rundir import write_text_atomic
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            keep.append(line + "\n")
+    write_text_atomic(path, "".join(keep))
+
+
 class MetricsLog:
-    def __init__(self, run_dir: Path):
-        self.file = open(run_dir / "metrics.jsonl", "a")
+    """``metrics.jsonl`` (one JSON object a line, valid JSON: non-finite values are null) and TensorBoard.
+    ``start_step``: the step the run starts at; later records of an earlier attempt are dropped."""
+
+    def __init__(self, run_dir: Path, start_step: int = 0):
+        self.path = run_dir / "metrics.jsonl"
+        truncate_metrics(self.path, start_step)
+        self.file = open(self.path, "a")
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / "tb"))
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step or None)
         except Exception as exc:  # tensorboard missing: metrics.jsonl still has everything
             print(f"warning: TensorBoard disabled ({exc})")
 
     def write(self, step: int, values: dict) -> None:
-        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.write(dumps({"step": step, **values}) + "\n")
         self.file.flush()
         if self.tb is not None:
             for k, v in values.items():
-                if isinstance(v, (int, float)):
+                if isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
+
+    def rewind(self, step: int) -> None:
+        """Drop the records after ``step`` (a rollback to that step's checkpoint)."""
+        self.file.close()
+        truncate_metrics(self.path, step)
+        self.file = open(self.path, "a")
 
     def close(self):
         self.file.close()
@@ -72,13 +134,17 @@ class _Log:
         self.metrics = self.bar = None
         if main:
             from tqdm import tqdm
-            self.metrics = MetricsLog(Path(cfg.train.run_dir))
+            self.metrics = MetricsLog(Path(cfg.train.run_dir), start_step)
             self.bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not cfg.train.progress,
                             dynamic_ncols=True, unit="step")
 
     def write(self, step: int, values: dict) -> None:
         if self.main:
             self.metrics.write(step, values)
+
+    def rewind(self, step: int) -> None:
+        if self.main:
+            self.metrics.rewind(step)
 
     def say(self, text: str) -> None:
         if self.main:
@@ -121,6 +187,15 @@ def fit(cfg: RunConfig, module) -> dict:
         else:
             common = ckpt.load(path)
             step, data_state = common["step"], common["data"]
+            if step > t.steps:              # preflight says so before the model is built; this is the last word
+                raise ConfigError(f"the checkpoint to resume from ({path}) is at step {step}, beyond "
+                                  f"--train.steps={t.steps}; pass --train.steps >= {step} or start a new run")
+            if step == t.steps:
+                if main:
+                    print(f"this run is complete: {path} is at step {step} = train.steps; nothing to do "
+                          f"(its files are left as they are)", flush=True)
+                return {"finished": True, "steps": t.steps, "checkpoint": str(path), "losses": [],
+                        "parameters": module.n_params, "nan_events": []}
             if main:
                 note = "" if common["same_layout"] else f" (saved under {common['layout']}, now {module.describe()})"
                 print(f"resumed from {path} at step {step}{note}", flush=True)
@@ -154,7 +229,8 @@ def fit(cfg: RunConfig, module) -> dict:
                                              f"{ckpt.root} to roll back to")
                 back = ckpt.load(path)["step"]
                 summary["nan_events"].append({"step": step, "event": "rollback", "to_step": back})
-                log.write(step + 1, {"nan_event": "rollback", "loss": loss, "rolled_back_to": back})
+                log.rewind(back)                # steps back+1.. are trained again: written once
+                log.write(back, {"nan_event": "rollback", "loss": loss, "rolled_back_from": step + 1})
                 log.advance(back - step)
                 step = back                     # the data position stays: the batches since are skipped
                 continue
@@ -176,6 +252,8 @@ def fit(cfg: RunConfig, module) -> dict:
                    "tokens_per_s": tps, "tokens": step * tokens_per_step, "elapsed_s": now - start}
             if peak:
                 rec["mfu"] = tps * fpt / (peak * 1e12)
+            if data.skipped():
+                rec["skipped_samples"] = data.skipped()
             log.write(step, rec)
             if main and t.progress:
                 log.bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
@@ -192,23 +270,28 @@ def fit(cfg: RunConfig, module) -> dict:
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < t.steps:
             ckpt.save(step, step * tokens_per_step, data.state())
     log.close()
-    summary.update({"final_loss": losses[-1] if losses else float("nan"), "steps": t.steps, "losses": losses,
+    summary.update({"final_loss": losses[-1] if losses else None, "steps": t.steps, "losses": losses,
                     "layout": module.describe(), "elapsed_s": time.perf_counter() - start})
     if cfg.checkpoint.save_final:
         ckpt.save(t.steps, t.steps * tokens_per_step, data.state())
         ckpt.wait()
         summary["checkpoint"] = str(ckpt.store.latest())
     ckpt.wait()
+    summary["skipped_samples"] = data.skipped()
     if main:
-        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+        write_text_atomic(run_dir / "summary.json", dumps(summary, indent=2))
     return summary
 
 
 def train(cfg: RunConfig) -> dict:
     """One process: train ``cfg``, holding its run directory (and checkpoint dir) for the whole run."""
-    from nl_pretrain.checkpoint.manager import check_checkpoint_config
     from nl_pretrain.train.module import LocalModule
+    from nl_pretrain.train.preflight import RunFinished, preflight
     from nl_pretrain.train.rundir import RunDirLock, run_dirs
-    check_checkpoint_config(cfg)
-    with RunDirLock(run_dirs(cfg)):
+    try:
+        preflight(cfg, world=1, is_launched=False)
+    except RunFinished as done:
+        print(str(done), flush=True)
+        return {"finished": True, "steps": cfg.train.steps, "checkpoint": done.path, "losses": [], "nan_events": []}
+    with RunDirLock(run_dirs(cfg)):      # a failed start removes the directories it created
         return fit(cfg, LocalModule(cfg))

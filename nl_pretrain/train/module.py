@@ -27,7 +27,7 @@ from nl_pretrain.model import LanguageModel
 from nl_pretrain.optim import ModelOptimizer, lr_at
 from nl_pretrain.train.data import DataSource, build_data
 from nl_pretrain.train.faults import fault_steps
-from nl_pretrain.train.loop import pick_device, seed_everything
+from nl_pretrain.train.loop import pick_device, seed_everything, set_threads
 
 
 class LocalModule:
@@ -37,8 +37,7 @@ class LocalModule:
 
     def __init__(self, cfg: RunConfig):
         t = cfg.train
-        if t.threads:
-            torch.set_num_threads(t.threads)
+        set_threads(t.threads)
         seed_everything(t.seed)
         self.cfg, self.device = cfg, pick_device(t.device)
         self.model = LanguageModel(cfg.model).to(self.device)

@@ -3,11 +3,13 @@
 Two ``nl-pretrain train`` processes with the same ``train.run_dir`` (a job launched twice, a second
 launch while the first is still running) would append to the same metrics and write checkpoints over
 each other. :class:`RunDirLock` makes the second one fail before it does any work, naming the run
-that holds the directory. The lock is an ``flock`` on ``<dir>/.lock``: the kernel drops it when the
-holder exits, however it exits (SIGKILL, OOM), so there are no stale locks to clean up. A restarted
-worker group (Ray) waits up to ``wait_s`` (default 15 s, or ``NL_PRETRAIN_LOCK_WAIT_S``) for the
-old one's processes to be gone. On NFS Linux maps
-``flock`` to POSIX locks, which the server arbitrates across nodes.
+that holds the directory, at once. The lock is an ``flock`` on ``<dir>/.lock``: the kernel drops it
+when the holder exits, however it exits (SIGKILL, OOM), so there are no stale locks to clean up. A
+restarted worker group (Ray) waits up to ``NL_PRETRAIN_LOCK_WAIT_S`` seconds (the Ray launcher sets
+15) for the old one's processes to be gone; the default is 0. A run that fails before writing
+anything removes the directories it created (:meth:`RunDirLock.release` with ``cleanup``), so a
+failed start leaves no empty run directory. On NFS Linux maps ``flock`` to POSIX locks, which the
+server arbitrates across nodes.
 """
 from __future__ import annotations
 
@@ -35,8 +37,9 @@ class RunDirLock:
 
     def __init__(self, dirs: Iterable[Path], wait_s: Optional[float] = None, poll_s: float = 0.5):
         if wait_s is None:
-            wait_s = float(os.environ.get("NL_PRETRAIN_LOCK_WAIT_S", "15"))
+            wait_s = float(os.environ.get("NL_PRETRAIN_LOCK_WAIT_S", "0"))
         self.files: List = []
+        self.created: List[Path] = []        # directories this lock made (removed by a failed start)
         unique = []
         for d in dirs:
             d = Path(d).resolve()
@@ -46,12 +49,13 @@ class RunDirLock:
             for d in unique:
                 self.files.append(self._take(d, wait_s, poll_s))
         except BaseException:
-            self.release()
+            self.release(cleanup=True)
             raise
 
-    @staticmethod
-    def _take(directory: Path, wait_s: float, poll_s: float):
+    def _take(self, directory: Path, wait_s: float, poll_s: float):
+        missing = [p for p in [directory, *directory.parents] if not p.exists()]
         directory.mkdir(parents=True, exist_ok=True)
+        self.created.extend(missing)          # deepest first
         path = directory / ".lock"
         f = open(path, "a+")
         deadline = time.monotonic() + wait_s
@@ -80,19 +84,45 @@ class RunDirLock:
         f.flush()
         return f
 
-    def release(self) -> None:
+    def release(self, cleanup: bool = False) -> None:
+        """Unlock. ``cleanup`` (a failed start): also remove the directories this lock created if
+        they hold nothing but the lock file (and empty directories)."""
         for f in self.files:
             try:
+                if cleanup:
+                    _remove_if_only_lock(Path(f.name).parent, self.created)
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
             finally:
                 f.close()
         self.files = []
+        if cleanup:
+            for d in self.created:
+                try:
+                    d.rmdir()                  # only if empty
+                except OSError:
+                    pass
+        self.created = []
 
     def __enter__(self) -> "RunDirLock":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.release(cleanup=exc_type is not None)
+
+
+def _remove_if_only_lock(directory: Path, created: List[Path]) -> None:
+    """Remove ``directory/.lock`` (and empty subdirectories) when ``directory`` was created by this
+    process and holds nothing else, while the lock is still held."""
+    if directory not in created:
+        return
+    try:
+        children = list(directory.iterdir())
+        if any(c.name != ".lock" and not (c.is_dir() and not any(c.iterdir())) for c in children):
+            return
+        for c in children:
+            c.unlink() if c.name == ".lock" else c.rmdir()
+    except OSError:
+        pass
 
 
 def _holder(path: Path) -> Optional[str]:
