@@ -80,3 +80,36 @@ def flat_inputs(ins):
         elif v is not None:
             out[k] = v
     return out
+
+
+def interpreter_on() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def run_interpreter_cases(test_file: str, minimum: int, keyword: str = "test_interp_", timeout: int = 900):
+    """Re-run ``test_file``'s ``keyword`` cases in a subprocess with ``TRITON_INTERPRET=1`` (the
+    interpreter must be on before Python starts) and assert at least ``minimum`` passed, none
+    skipped or failed. The one driver every interpreter test file uses."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    import pytest
+    if interpreter_on():
+        pytest.skip("already inside the interpreter run")
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", os.path.abspath(test_file),
+           "-k", keyword]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    tail = proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    summary = proc.stdout.strip().splitlines()[-1]
+    found = re.search(r"(\d+) passed", summary)
+    passed = int(found.group(1)) if found else 0
+    assert passed >= minimum and "skipped" not in summary and "failed" not in summary, tail
+    return passed

@@ -12,16 +12,13 @@ batch isolation of documents reduces to row isolation, which ``test_rows_are_iso
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kernels.memory import MemorySpec, chunk_torch
-from kernels.testing import as_leaves, flat_inputs, memory_inputs, rel_err, run_sequence
+from kernels.testing import run_interpreter_cases, as_leaves, flat_inputs, memory_inputs, rel_err, run_sequence
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 interp = pytest.mark.skipif(not INTERP,
@@ -32,19 +29,7 @@ REF_TOL = 1e-4      # float32 kernels vs the float64 token-by-token reference
 
 @pytest.mark.slow
 def test_kernels_under_interpreter():
-    if INTERP:
-        pytest.skip("already inside the interpreter run")
-    pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", os.path.abspath(__file__),
-           "-k", "test_interp_"]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    tail = proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert proc.returncode == 0, tail
-    summary = proc.stdout.strip().splitlines()[-1]
-    passed = int(re.search(r"(\d+) passed", summary).group(1))
-    assert passed >= 39 and "skipped" not in summary and "failed" not in summary, tail
+    run_interpreter_cases(__file__, 39)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,16 +19,13 @@ widths is at the end (skipped without CUDA).
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from kernels.memory import MemorySpec
 from kernels.memory.sequence_torch import memory_sequence
-from kernels.testing import as_leaves, flat_inputs, memory_inputs, rel_err
+from kernels.testing import run_interpreter_cases, as_leaves, flat_inputs, memory_inputs, rel_err
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 interp = pytest.mark.skipif(not INTERP,
@@ -40,20 +37,7 @@ N_INTERP_CASES = 23
 
 @pytest.mark.slow
 def test_mlp_sequence_under_interpreter():
-    if INTERP:
-        pytest.skip("already inside the interpreter run")
-    pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", os.path.abspath(__file__),
-           "-k", "test_interp_"]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    tail = proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert proc.returncode == 0, tail
-    summary = proc.stdout.strip().splitlines()[-1]
-    passed = int(re.search(r"(\d+) passed", summary).group(1))
-    assert passed >= N_INTERP_CASES and "skipped" not in summary and "failed" not in summary, tail
+    run_interpreter_cases(__file__, N_INTERP_CASES)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,14 +3,11 @@ gradient (under the Triton interpreter on CPU, in a subprocess; directly on a GP
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from kernels.testing import rel_err
+from kernels.testing import rel_err, run_interpreter_cases
 from nl_pretrain.config import CMSLevel, ModelConfig
 from nl_pretrain.model.model import LanguageModel
 from nl_pretrain.presets import preset_model_dict
@@ -61,19 +58,7 @@ def test_interp_packed_family(family):
 
 @pytest.mark.slow
 def test_triton_model_equals_torch():
-    if INTERP:
-        pytest.skip("already inside the interpreter run")
-    pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", os.path.abspath(__file__),
-           "-k", "test_interp_"]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    tail = proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert proc.returncode == 0, tail
-    summary = proc.stdout.strip().splitlines()[-1]
-    assert int(re.search(r"(\d+) passed", summary).group(1)) == len(FAMILIES) + 2, tail
+    run_interpreter_cases(__file__, len(FAMILIES) + 2)
 
 
 @pytest.mark.gpu
