@@ -78,7 +78,12 @@ def run(args) -> int:
                             shard_samples=args.shard_samples, overwrite=args.overwrite,
                             ray_address=args.ray_address, progress=not args.no_progress)
     except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        import errno
+        msg = str(exc)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            msg += (f"; the disk holding {args.out} is full: free space or choose another --out, then run "
+                    f"prepare-data again (the partial output has no manifest.json, so nothing trains on it)")
+        print(f"error: {msg}", file=sys.stderr)
         return 2
     r = m["report"]
     print(f"dataset {args.out}: vocab {m['vocab_size']}, seq_len {m['seq_len']}, fingerprint {m['fingerprint'][:16]}")

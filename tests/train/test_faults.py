@@ -362,3 +362,24 @@ def test_ray_launcher_fails_fast_on_a_configuration_error(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "not a multiple of tensor x pipeline" in error_line(proc.stderr)
     assert time.monotonic() - t0 < 60 and not (tmp_path / "r").exists()
+
+
+def test_full_disk_during_data_preparation_is_one_error_and_no_dataset(tmp_path, capsys, monkeypatch):
+    import errno
+    from data_pipeline import shards
+    real = shards.atomic_write
+
+    def full(path, data):
+        if str(path).endswith(".tar"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+    monkeypatch.setattr(shards, "atomic_write", full)
+    out = tmp_path / "ds"
+    rc = cli.main(["prepare-data", "--out", str(out), "--vocab-size", "300", "--seq-len", "16", "--workers", "0",
+                   "--max-documents", "4", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "disk holding" in error_line(err)
+    assert not (out / "manifest.json").exists()
+    monkeypatch.undo()
+    rc, _, err = train(capsys, tmp_path / "run", f"--data.dataset={out}")
+    assert rc == 2 and "preparation did not finish" in error_line(err) and not (tmp_path / "run").exists()
