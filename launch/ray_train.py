@@ -1,7 +1,12 @@
 """Run `nl-pretrain train` on a Ray cluster with Ray Train's TorchTrainer (one worker per rank).
 
     python launch/ray_train.py --num-workers 2 -- --config configs/tiny_hope.yaml --parallel.tensor=2
-    ray job submit --working-dir . -- python launch/ray_train.py --address auto --num-workers 8 --gpu -- ...
+    ray job submit --working-dir . -- python launch/ray_train.py --address auto --num-workers 8 --gpu --
+        --config configs/tiny_hope.yaml --data.dataset=/shared/ds --train.run_dir=/shared/runs/x
+
+(``ray job submit`` needs ``ray[default]``: ``pip install -e '.[ray]'``; the job runs in an uploaded copy
+of the directory without what .gitignore names, such as data/ and runs/, so give those as absolute
+paths on storage every node sees.)
 
 Arguments after ``--`` go to ``nl-pretrain train`` unchanged; every worker runs the same entry point
 and config as torchrun would (Ray Train sets RANK / WORLD_SIZE / MASTER_ADDR and starts the process
