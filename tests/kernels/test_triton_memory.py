@@ -1,4 +1,4 @@
-"""Triton memory kernels == the PyTorch references, forward and every input gradient (DESIGN.md §5.4).
+"""Triton memory kernels == the PyTorch references, forward and every input gradient (docs/MODEL.md §5, "One function, several implementations").
 
 On a CPU machine the cases run under the Triton interpreter, which must be switched on before
 Python starts: :func:`test_kernels_under_interpreter` re-runs this file in a subprocess with

@@ -1,4 +1,4 @@
-"""Triton memory kernels on a CUDA device at realistic shapes (DESIGN.md §5.4); skipped without CUDA.
+"""Triton memory kernels on a CUDA device at realistic shapes (docs/MODEL.md §5, "One function, several implementations"); skipped without CUDA.
 
 Shapes: N = 32 rows (16 heads x batch 2), head width d = 64 / 128, chunk 64, T = 4096 through the
 model's chunk loop, plus T = 1000 (a short last chunk of 40 tokens). The reference is the
