@@ -40,11 +40,11 @@ def cmd_info(args) -> int:
     m = cfg.model
     print(f"model {m.preset or m.family}: {m.n_layers} layers, d={m.d_model}, {m.n_heads} heads, "
           f"vocab {m.vocab_size}, tied embeddings {m.tie_embeddings}")
+    from nl_pretrain.optim.optimizer import role_summary
+    print("\n".join(role_summary(cfg.model, cfg.optim)))     # which tensors get which update rule
     for k, v in counts.items():
         print(f"  {k:38s} {v:>15,}")
-    print(f"parameters: {sum(counts.values())}")
-    from nl_pretrain.optim.optimizer import role_summary
-    print("\n".join(role_summary(cfg.model, cfg.optim)))
+    print(f"parameters: {sum(counts.values())}")                # the total stays the last line
     return 0
 
 
