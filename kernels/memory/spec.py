@@ -114,7 +114,11 @@ def compose_chunk(spec: MemorySpec, affine, state, mom, k, vhat, eta, alpha, bet
     S1, S2 = mom if mom is not None else (None, None)
     a = k @ W2.transpose(1, 2)
     h = F.silu(a)
-    r = memory_read(spec, state, k) - vhat if spec.loss == "l2" else -vhat
+    if spec.loss == "l2":                       # M_ref(k) - vhat, reusing h = silu(W2 k)
+        pred = h @ W1.transpose(1, 2)
+        r = (pred + k if (spec.residual and W1.shape[1] == W2.shape[2]) else pred) - vhat
+    else:
+        r = -vhat
     g2 = (r @ W1) * silu_grad(a)
     hq_pre, W2n, S2n = affine_k(W2, S2, k, q, dgd_c, None, -eta[..., None] * g2, log_alpha, b)
     q1 = F.silu(hq_pre) if q is not None else None
