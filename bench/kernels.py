@@ -154,13 +154,7 @@ def bench_ours(spec, impl, shape, device, dtype, warmup, reps, self_targets=Fals
                                             self_targets=self_targets, impl="torch" if impl == "torch" else "triton")
         return (reads,) + tuple(state) + (tuple(mom) if mom is not None else ())
 
-    def fwd():
-        with torch.no_grad():
-            run()
-
-    def fwd_bwd():
-        sum(o.float().sum() for o in run()).backward()
-    return _measure(fwd, fwd_bwd, device, warmup, reps)
+    return _measure_outputs(run, device, warmup, reps)
 
 
 def bench_projection(spec, impl, shape, device, dtype, warmup, reps):
@@ -182,13 +176,7 @@ def bench_projection(spec, impl, shape, device, dtype, warmup, reps):
                                                    impl="torch" if impl == "torch" else "triton")
         return k, v, e, a, PT, ST
 
-    def fwd():
-        with torch.no_grad():
-            run()
-
-    def fwd_bwd():
-        sum(o.float().sum() for o in run()).backward()
-    return _measure(fwd, fwd_bwd, device, warmup, reps)
+    return _measure_outputs(run, device, warmup, reps)
 
 
 def bench_fla(shape, device, dtype, warmup, reps):
@@ -215,6 +203,17 @@ def bench_fla(shape, device, dtype, warmup, reps):
     def fwd_bwd():
         o, ht = chunk_gated_delta_rule(q, k, v, g, beta, **kw)
         (o.float().sum() + ht.sum()).backward()
+    return _measure(fwd, fwd_bwd, device, warmup, reps)
+
+
+def _measure_outputs(run, device, warmup, reps):
+    """Time ``run()`` (a tuple of outputs) forward only, and forward + backward of their sum."""
+    def fwd():
+        with torch.no_grad():
+            run()
+
+    def fwd_bwd():
+        sum(o.float().sum() for o in run()).backward()
     return _measure(fwd, fwd_bwd, device, warmup, reps)
 
 
