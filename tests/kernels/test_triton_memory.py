@@ -6,8 +6,8 @@ Python starts: :func:`test_kernels_under_interpreter` re-runs this file in a sub
 with ``TRITON_INTERPRET=1`` directly, the cases run in-process and the driver skips. Shapes stay
 tiny (the interpreter costs ~5 ms per program per loop step): float32, a few rows, a few chunks.
 
-Packed documents: the model unpacks documents into separate rows before calling a memory, so
-batch isolation of documents reduces to row isolation, which ``test_rows_are_isolated`` checks.
+Packed documents restart inside the whole-sequence kernels (``resets``, the ``*_resets`` cases);
+rows never mix (``test_rows_are_isolated``).
 """
 from __future__ import annotations
 

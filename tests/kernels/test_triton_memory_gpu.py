@@ -79,7 +79,7 @@ def test_gpu_whole_sequence_kernel(name, T, token_dtype):
 
 
 def test_gpu_rows_are_isolated():
-    """Rows of different content (the model unpacks packed documents into rows) do not mix."""
+    """Rows of different content (sequences x heads) do not mix."""
     spec = SPECS["hope_main_linear"]
     ins = memory_inputs(spec, N=4, T=200, d=64, device="cuda")
     batched = run_sequence(spec, ins, 64, "triton")
