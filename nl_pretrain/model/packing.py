@@ -96,7 +96,7 @@ def alignment(blocks) -> int:
 
 def run_documents(blocks, x: torch.Tensor, doc_ids: Optional[torch.Tensor]) -> torch.Tensor:
     """``blocks`` applied in turn to the packed ``x``, every document as if it ran alone."""
-    docs = documents_for(doc_ids, alignment(blocks))
+    docs = documents_for(doc_ids, lambda: alignment(blocks))
     if docs is None:
         for block in blocks:
             x = block(x)
@@ -107,10 +107,11 @@ def run_documents(blocks, x: torch.Tensor, doc_ids: Optional[torch.Tensor]) -> t
     return docs.pack(x)
 
 
-def documents_for(doc_ids: Optional[torch.Tensor], align: int) -> Optional[Documents]:
-    """None when there is nothing to re-lay (no ids, or one document per row)."""
+def documents_for(doc_ids: Optional[torch.Tensor], align) -> Optional[Documents]:
+    """None when there is nothing to re-lay (no ids, or one document per row). ``align``: an int or
+    a function giving it (only called when there are documents to re-lay)."""
     if doc_ids is None:
         return None
     if bool((doc_ids == doc_ids[:, :1]).all()):
         return None
-    return Documents(doc_ids, align)
+    return Documents(doc_ids, align() if callable(align) else align)
