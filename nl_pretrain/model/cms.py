@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from kernels.memory import MemorySpec, memory_sequence
+from nl_pretrain.model.carry import Carry
 from nl_pretrain.model.layers import SwiGLU, l2norm
 from nl_pretrain.model.memories import MemoryInit, ResolvedImpl, from_rows, to_rows
 from nl_pretrain.model.sharding import COLUMN, HEAD_SLICE, HEADS, ROW
@@ -59,7 +60,12 @@ class ContextLevel(nn.Module):
     def doc_alignment(self) -> int:
         return self.period
 
-    def forward(self, z: torch.Tensor, docs=None) -> torch.Tensor:
+    def initial_carry(self, batch: int) -> Carry:
+        state = self.init.expand(batch)
+        return Carry({"mem": state}, {"mem": tuple(torch.zeros_like(w) for w in state) if self.cfg.momentum else None})
+
+    def forward(self, z: torch.Tensor, docs=None, carry: Carry = None):
+        """``carry`` (inference): start from this state and return ``(output, final state)``."""
         B, T, _ = z.shape
         impl = self.impl(z.device)
         keys = l2norm(to_rows(self.local_heads(z), self.H))              # unit keys keep the dgd write stable
@@ -69,11 +75,12 @@ class ContextLevel(nn.Module):
             eta = eta / self.period
         alpha = torch.sigmoid(to_rows(self.w_alpha(z), self.H)[..., 0])
         beta = torch.sigmoid(self.beta_logit).repeat(B) if self.cfg.momentum else None
-        state = self.init.expand(B)
-        mom = tuple(torch.zeros_like(w) for w in state) if self.cfg.momentum else None
-        reads, _, _ = memory_sequence(self.spec, state, mom, keys, targets, eta, alpha, beta, keys, self.period,
-                                      impl=impl, resets=docs.resets(self.period, self.H) if docs is not None else None)
-        return self.w_o(from_rows(reads, B))
+        start = self.initial_carry(B) if carry is None else carry
+        reads, state, mom = memory_sequence(self.spec, start.states["mem"], start.moms["mem"], keys, targets, eta,
+                                            alpha, beta, keys, self.period, impl=impl,
+                                            resets=docs.resets(self.period, self.H) if docs is not None else None)
+        y = self.w_o(from_rows(reads, B))
+        return y if carry is None else (y, Carry({"mem": state}, {"mem": mom}))
 
 
 def build_level(cfg, level) -> nn.Module:

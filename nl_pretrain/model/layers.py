@@ -67,6 +67,14 @@ class CausalConv(nn.Module):
             self.weight[:, 0, -1] = 1.0
             self.weight.add_(0.02 * torch.randn_like(self.weight))
 
+    def stream(self, x: torch.Tensor, tail: torch.Tensor):
+        """Inference: the convolution of ``x`` continuing after ``tail`` (the previous ``K-1`` inputs,
+        zeros at a sequence start, which is the zero padding of :meth:`forward`); returns the output
+        and the new tail."""
+        full = torch.cat([tail.to(x.dtype), x], 1)
+        y = F.conv1d(full.transpose(1, 2), self.weight, groups=x.shape[-1]).transpose(1, 2)
+        return y, full[:, full.shape[1] - (self.kernel - 1):]
+
     def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:  # x: (B, T, C)
         T = x.shape[1]
         if docs is None:

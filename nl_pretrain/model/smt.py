@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from kernels.memory import memory_chunk, memory_read, memory_sequence, projection_sequence
 from kernels.memory.sequence_torch import restart
+from nl_pretrain.model.carry import Carry
 from nl_pretrain.model.layers import CausalConv, l2norm
 from nl_pretrain.model.memories import MemoryInit, ResolvedImpl, from_rows, make_spec, to_rows
 from nl_pretrain.model.sharding import COLUMN, HEADS, ROW
@@ -81,17 +82,25 @@ class SelfModifyingTitans(nn.Module):
         return self.eta_bias.shape[0]
 
     # -- pieces shared with the sequential reference -------------------------------------------
-    def queries(self, x, docs=None):
-        return l2norm(to_rows(F.silu(self.conv_q(self.w_q(x), docs)), self.H))
+    def _conv(self, name, x, docs=None, carry=None):
+        """``conv_<name>`` over time; with ``carry`` (inference) it continues after the carried inputs."""
+        conv = getattr(self, "conv_" + name)
+        if carry is None:
+            return conv(x, docs)
+        y, carry.conv[name] = conv.stream(x, carry.conv[name])
+        return y
 
-    def inputs(self, x, docs=None):
+    def queries(self, x, docs=None, carry=None):
+        return l2norm(to_rows(F.silu(self._conv("q", self.w_q(x), docs, carry)), self.H))
+
+    def inputs(self, x, docs=None, carry=None):
         """Adaptive: rows of ``u``. Static: rows of ``(k, v, eta, alpha)``."""
         if self.adaptive:
             # u is l2-normalised (like q): reads of the projection memories stay bounded by their
             # state, which the self-referential targets M(M_v(u)) would otherwise amplify (MODEL.md)
-            return l2norm(to_rows(F.silu(self.conv_u(self.w_u(x), docs)), self.H))
-        k = l2norm(to_rows(F.silu(self.conv_k(self.w_k(x), docs)), self.H))
-        v = to_rows(F.silu(self.conv_v(self.w_v(x), docs)), self.H)
+            return l2norm(to_rows(F.silu(self._conv("u", self.w_u(x), docs, carry)), self.H))
+        k = l2norm(to_rows(F.silu(self._conv("k", self.w_k(x), docs, carry)), self.H))
+        v = to_rows(F.silu(self._conv("v", self.w_v(x), docs, carry)), self.H)
         eta = self.gate_eta(to_rows(self.w_eta(x), self.H)[..., 0], x.shape[0])
         alpha = self.gate_alpha(to_rows(self.w_alpha(x), self.H)[..., 0], x.shape[0])
         return k, v, eta, alpha
@@ -160,26 +169,39 @@ class SelfModifyingTitans(nn.Module):
         a, b = self.cfg.chunk_mem, self.cfg.chunk_proj if self.adaptive else 1
         return a * b // math.gcd(a, b)
 
+    def initial_carry(self, batch: int) -> Carry:
+        """The state of a sequence start: learned initial memories, zero momentum, zero conv inputs."""
+        states, moms = self.initial(batch)
+        convs = {n[len("conv_"):]: m for n, m in self.named_children() if n.startswith("conv_")}
+        ref = self.out_norm
+        return Carry(states, moms, {n: ref.new_zeros(batch, c.kernel - 1, c.weight.shape[0])
+                                    for n, c in convs.items()})
+
     # -- chunk-parallel forward -----------------------------------------------------------------
-    def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:
-        """``docs``: packed-document layout (convolutions masked, memories restarted at documents)."""
+    def forward(self, x: torch.Tensor, docs=None, carry: Carry = None):
+        """``docs``: packed-document layout (convolutions masked, memories restarted at documents).
+        ``carry`` (inference; :mod:`nl_pretrain.model.carry`): start from this state instead of the
+        learned initial one and return ``(output, final state)``."""
         B = x.shape[0]
         impl = self.impl(x.device)
-        states, moms = self.initial(B)
+        states, moms = self.initial(B) if carry is None else (dict(carry.states), dict(carry.moms))
+        out = None if carry is None else Carry(states, moms, dict(carry.conv))
         betas = self.betas(B)
-        q = self.queries(x, docs)
+        q = self.queries(x, docs, out)
         if not self.adaptive:
-            k, v, eta, alpha = self.inputs(x, docs)
+            k, v, eta, alpha = self.inputs(x, docs, out)
         elif self.proj_spec.kind == "linear":
-            k, v, eta, alpha = self._stacked_projection_pass(self.inputs(x, docs), states, moms, betas, B, impl, docs)
+            k, v, eta, alpha = self._stacked_projection_pass(self.inputs(x, docs, out), states, moms, betas, B, impl,
+                                                             docs)
         else:
-            k, v, eta, alpha = self._projection_pass(self.inputs(x, docs), states, moms, betas, B, impl, docs)
+            k, v, eta, alpha = self._projection_pass(self.inputs(x, docs, out), states, moms, betas, B, impl, docs)
         spec, C = self.main_spec, self.cfg.chunk_mem
         beta = betas[-1] if self.cfg.momentum else None
-        o, _, _ = memory_sequence(spec, states["mem"], moms["mem"], k, v, self.chunk_eta(spec, eta, C), alpha,
-                                  beta, q, C, self_targets=self.cfg.self_targets, impl=impl,
-                                  resets=docs.resets(C, self.H) if docs is not None else None)
-        return self.output(o, x)
+        o, states["mem"], moms["mem"] = memory_sequence(
+            spec, states["mem"], moms["mem"], k, v, self.chunk_eta(spec, eta, C), alpha, beta, q, C,
+            self_targets=self.cfg.self_targets, impl=impl, resets=docs.resets(C, self.H) if docs is not None else None)
+        y = self.output(o, x)
+        return y if carry is None else (y, out)
 
     def _stacked_projection_pass(self, u, states, moms, betas, batch, impl, docs=None):
         """The four linear projection memories as one stacked memory ``[P_k; P_v; P_eta; P_alpha]``
@@ -189,10 +211,14 @@ class SelfModifyingTitans(nn.Module):
         S = torch.cat([moms[m][0] for m in PROJ_MEMORIES], 1) if self.cfg.momentum else None
         beta = betas[:len(PROJ_MEMORIES)].t() if self.cfg.momentum else None
         C = self.cfg.chunk_proj
-        (k, v, eta, alpha), _, _ = projection_sequence(
+        (k, v, eta, alpha), P, S = projection_sequence(
             self.proj_spec, P, S, u, beta, self._row_bias(self.eta_bias, batch)[:, 0],
             self._row_bias(self.alpha_bias, batch)[:, 0], self.cfg.eta_max, C, self.proj_eta_scale(C), impl=impl,
             resets=docs.resets(C, self.H) if docs is not None else None)
+        sizes = [states[m][0].shape[1] for m in PROJ_MEMORIES]      # final states back per memory (inference)
+        S_parts = S.split(sizes, 1) if S is not None else [None] * len(sizes)
+        for m, Pm, Sm in zip(PROJ_MEMORIES, P.split(sizes, 1), S_parts):
+            states[m], moms[m] = (Pm,), ((Sm,) if self.cfg.momentum else None)
         return k, v, eta, alpha
 
     def _projection_pass(self, u, states, moms, betas, batch, impl, docs=None):
