@@ -20,7 +20,7 @@ class MemoryInit(nn.Module):
     def __init__(self, kind: str, heads: int, d_in: int, d_out: int, expansion: float,
                  identity: bool = False, std: float = 0.02):
         super().__init__()
-        self.kind = kind
+        self.kind, self.identity, self.std = kind, identity, std    # read by nl_pretrain/model/init.py
         if kind == "linear":
             w = torch.randn(heads, d_out, d_in) * std
             if identity and d_in == d_out:

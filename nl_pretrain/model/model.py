@@ -6,7 +6,6 @@ The families differ only in configuration (presets in :mod:`nl_pretrain.presets`
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 
 from nl_pretrain.model.attention import Attention
 from nl_pretrain.model.cms import build_level
+from nl_pretrain.model.init import draw_init_seed, init_parameters
 from nl_pretrain.model.layers import RMSNorm
 from nl_pretrain.model.packing import run_documents
 from nl_pretrain.model.sharding import COLUMN, VOCAB
@@ -45,9 +45,13 @@ class Block(nn.Module):
 class LanguageModel(nn.Module):
     tp_plan = {"embed": VOCAB, "lm_head": COLUMN}     # blocks and the final norm declare their own
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, seed: Optional[int] = None):
+        """``seed``: the init seed (default: drawn from torch's default generator). Every parameter's
+        value is a function of (seed, its name) (:mod:`nl_pretrain.model.init`), so a model built
+        under ``torch.device("meta")`` can be materialised piece by piece with the same values."""
         super().__init__()
         self.cfg = cfg
+        self.init_seed = draw_init_seed() if seed is None else int(seed)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -55,15 +59,8 @@ class LanguageModel(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        nn.init.normal_(self.embed.weight, std=std)
-        if self.lm_head is not None:
-            nn.init.normal_(self.lm_head.weight, std=std)
-        for name, mod in self.named_modules():
-            if isinstance(mod, nn.Linear) and mod is not self.lm_head:
-                last = name.rsplit(".", 1)[-1]
-                nn.init.normal_(mod.weight, std=out_std if last in ("w_o", "w_down") else std)
+        """Every materialised parameter to its initial value (the rules of :mod:`nl_pretrain.model.init`)."""
+        init_parameters(self, self.init_seed)
 
     def hidden(self, input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.norm(run_documents(self.blocks, self.embed(input_ids), doc_ids))

@@ -2,8 +2,10 @@
 
 Applied from outside the model, always in this order (each step needs the one before):
 
-1. **Tensor parallel** (:mod:`nl_pretrain.parallel.tensor`): keep this rank's shard of every tensor
-   as the modules' ``tp_plan`` declares. First, because everything after sees the local shapes.
+1. **Tensor parallel, built in place** (:mod:`nl_pretrain.parallel.tensor`,
+   :mod:`nl_pretrain.parallel.materialize`): the model arrives on the meta device; this rank
+   materialises its shard of every tensor of its pipeline stage as the modules' ``tp_plan`` declares,
+   then the stage's replicated tensors. First, because everything after sees the local shapes.
 2. **Slow CMS step levels out of the engine's sight** (:mod:`nl_pretrain.parallel.cms_sync`): levels
    of period k > 1 are replaced in their blocks by parameterless wrappers, so neither ZeRO nor the
    bf16 optimizer nor the pipeline ever holds them; they keep their own optimizer and sync schedule.
@@ -23,7 +25,8 @@ from typing import Dict, List
 import torch
 import torch.nn as nn
 
-from nl_pretrain.optim.optimizer import build_optimizer, optimizer_groups
+from nl_pretrain.optim.optimizer import build_optimizer, every_step_groups, step_level_of, uses_nl_optimizer
+from nl_pretrain.parallel.materialize import full_value, held_roots, holds, materialize_held
 from nl_pretrain.parallel.cms_sync import StepLevelSync
 from nl_pretrain.parallel.tensor import apply_tensor_parallel, parallel_loss
 from nl_pretrain.parallel.topology import DeepSpeedMPU, Layout, stage_layers
@@ -42,8 +45,8 @@ def deepspeed_config(cfg, layout: Layout) -> dict:
         "bf16": {"enabled": cfg.train.precision == "bf16"},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
-        # the matrix optimizers (one group per matrix; DeepSpeed hands them flat partitions under ZeRO 1/2)
-        "zero_allow_untested_optimizer": cfg.optim.name != "adamw",
+        # the matrix optimizers (one group per matrix; DeepSpeed hands them flat partitions under ZeRO/bf16)
+        "zero_allow_untested_optimizer": uses_nl_optimizer(cfg.optim, cfg.model.cms),
     }
 
 
@@ -95,29 +98,10 @@ def _zero3_external_parameters(wrapper: LossModule) -> None:
         register_external_parameter(wrapper, model.embed.weight)
 
 
-def _every_step_groups(model: nn.Module, named: List[tuple], optim_cfg) -> list:
-    """Parameter groups as in ModelOptimizer (``optimizer_groups`` of ``optim.name``), and groups per
-    period-1 step level with its own ``lr_scale``."""
-    from nl_pretrain.model.cms import StepLevel
-    scale = {id(p): mod.lr_scale for mod in model.modules() if isinstance(mod, StepLevel) and mod.lr_scale != 1.0
-             for p in mod.parameters()}
-    groups = optimizer_groups([(n, p) for n, p in named if id(p) not in scale], optim_cfg)
-    for s in sorted(set(scale.values())):
-        groups += optimizer_groups([(n, p) for n, p in named if scale.get(id(p)) == s], optim_cfg, s)
-    return groups
-
-
-def check_optimizer_layout(cfg, layout: Layout) -> None:
-    """The matrix optimizers run on whole matrices (docs/PARALLEL.md, "Outer optimizers")."""
-    from nl_pretrain.config import ConfigError
-    if cfg.optim.name == "adamw":
-        return
-    if layout.zero_stage == 3:
-        raise ConfigError(f"optim.name={cfg.optim.name} does not run under parallel.zero_stage=3 yet (ZeRO-3 "
-                          f"partitions the weights themselves); use parallel.zero_stage 0, 1 or 2")
-    if cfg.train.precision == "bf16":
-        raise ConfigError(f"optim.name={cfg.optim.name} is not tested under DeepSpeed's bf16 engine yet; "
-                          f"use train.precision=fp32 for distributed runs (or optim.name=adamw)")
+def _every_step_groups(model: nn.Module, named: List[tuple], cfg) -> list:
+    """Parameter groups as in ModelOptimizer (``optim.every_step_groups``: ``optim.name``, and groups
+    of their own for period-1 step levels with their own ``lr_scale`` or ``optimizer``)."""
+    return every_step_groups(named, step_level_of(model), cfg.optim, cfg.model.cms)
 
 
 @dataclass
@@ -130,20 +114,23 @@ class Parallelized:
 
 
 def parallelize(model: nn.Module, cfg, layout: Layout, device: torch.device) -> Parallelized:
-    """Make ``model`` (the full single-device model, identical on every rank) this rank's part."""
+    """Make ``model`` (the single-device model, identical on every rank: built on the meta device, or
+    materialised) this rank's part; only this rank's share is materialised."""
     import deepspeed
     from megatron.core import parallel_state as ps
     from nl_pretrain.parallel.random import seed_model_parallel
 
-    check_optimizer_layout(cfg, layout)
-    # 1. tensor parallel: this rank's shard of every tensor, then the per-rank random streams
-    apply_tensor_parallel(model)
+    stages = [list(stage_layers(cfg.model.n_layers, layout.pp, s)) for s in range(layout.pp)]
+    stage = ps.get_pipeline_model_parallel_rank()
+    block_ids = stages[stage]
+    roots = held_roots(model, layout.pp, stage, block_ids)
+    # 1. tensor parallel: this rank's shard of every tensor of its stage (generated in place for a
+    #    meta-device model), then its replicated tensors; other stages stay on the meta device
+    apply_tensor_parallel(model, value=full_value(model), keep=holds(roots))
+    materialize_held(model, roots, device)
     seed_model_parallel(cfg.train.seed)
-    model.to(device)
     # global parameter names (this rank's tensor-parallel shard of each), whatever wraps them later
     names = {id(p): n.replace(".inner.", ".") for n, p in model.named_parameters()}
-    stages = [list(stage_layers(cfg.model.n_layers, layout.pp, s)) for s in range(layout.pp)]
-    block_ids = stages[ps.get_pipeline_model_parallel_rank()]
     # 2. slow CMS step levels: out of the engine, synced over DP on their own update steps
     norm_group = ps.get_model_parallel_group() if layout.tp * layout.pp > 1 else None
     slow = StepLevelSync([(i, model.blocks[i]) for i in block_ids], cfg.optim, cfg.model.cms,
@@ -162,7 +149,11 @@ def parallelize(model: nn.Module, cfg, layout: Layout, device: torch.device) -> 
         if layout.zero_stage == 3:
             _zero3_external_parameters(module)
     named = [(names[id(p)], p) for p in module.parameters()]
-    opt = build_optimizer(_every_step_groups(model, named, cfg.optim), cfg.optim)
+    # ZeRO 1/2/3 and the bf16 engine hand the optimizer flat data-parallel partitions: the matrix rules
+    # then keep each matrix's state on one data-parallel rank (optim/rules.py, "Partitioned state")
+    flat = layout.zero_stage >= 1 or bf16
+    opt = build_optimizer(_every_step_groups(model, named, cfg), cfg.optim,
+                          dp_group=ps.get_data_parallel_group() if flat else None)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=deepspeed_config(cfg, layout),
                                            mpu=mpu, model_parameters=[p for _, p in named])
     return Parallelized(engine, slow, names, named, block_ids)

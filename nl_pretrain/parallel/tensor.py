@@ -1,7 +1,8 @@
 """Tensor parallelism applied from outside the model (the model stays single-device math).
 
-Every rank builds the full single-device model from the same seed, then :func:`apply_tensor_parallel`
-keeps this rank's slice, as each module declares it (``tp_plan``, :mod:`nl_pretrain.model.sharding`):
+Every rank builds the single-device model on the meta device, then :func:`apply_tensor_parallel`
+materialises this rank's slice of each tensor (:mod:`nl_pretrain.parallel.materialize`), as each
+module declares it (``tp_plan``, :mod:`nl_pretrain.model.sharding`):
 projections that produce heads become megatron-core ``ColumnParallelLinear`` (output channels are
 head-major, so a contiguous slice is a contiguous block of heads), the projections that read heads
 become ``RowParallelLinear``, per-head tensors (learned initial states of the fast-weight memories,
@@ -107,20 +108,21 @@ def _mp_config():
                                gradient_accumulation_fusion=False)
 
 
-def _parallel_linear(lin: nn.Linear, style: str, rank: int, size: int, config) -> _Linear:
+def _parallel_linear(lin: nn.Linear, style: str, rank: int, size: int, config, weight, bias) -> _Linear:
+    """``weight``, ``bias``: the full tensors (the layer's own, or generated for a meta layer)."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     has_bias = lin.bias is not None
     init = nn.init.zeros_                       # weights are copied from the full model below
     if style == COLUMN:
         inner = ColumnParallelLinear(lin.in_features, lin.out_features, config=config, init_method=init,
                                      bias=has_bias, gather_output=False)
-        w = _slice(lin.weight, 0, rank, size)
-        b = _slice(lin.bias, 0, rank, size) if has_bias else None
+        w = _slice(weight, 0, rank, size)
+        b = _slice(bias, 0, rank, size) if has_bias else None
     else:
         inner = RowParallelLinear(lin.in_features, lin.out_features, config=config, init_method=init,
                                   bias=has_bias, input_is_parallel=True, skip_bias_add=False)
-        w = _slice(lin.weight, 1, rank, size)
-        b = lin.bias.detach().clone() if has_bias else None
+        w = _slice(weight, 1, rank, size)
+        b = bias.detach().clone() if has_bias else None
     with torch.no_grad():
         inner.weight.copy_(w)
         if has_bias:
@@ -167,12 +169,12 @@ class ScatterHeads(nn.Module):
         return _ScatterLastDim.apply(z, ps.get_tensor_model_parallel_group())
 
 
-def _shard_parameter(module: nn.Module, path: str, rank: int, size: int) -> None:
+def _shard_parameter(module: nn.Module, path: str, rank: int, size: int, full: torch.Tensor) -> None:
     from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
     parent_path, _, leaf = path.rpartition(".")
     owner = _get(module, parent_path) if parent_path else module
     old = owner[int(leaf)] if leaf.isdigit() else getattr(owner, leaf)
-    new = nn.Parameter(_slice(old, 0, rank, size), requires_grad=old.requires_grad)
+    new = nn.Parameter(_slice(full, 0, rank, size).to(old.dtype), requires_grad=old.requires_grad)
     set_tensor_model_parallel_attributes(new, True, 0, 1)
     if leaf.isdigit():
         owner[int(leaf)] = new
@@ -185,12 +187,12 @@ def _set_child(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(_get(model, parent_path) if parent_path else model, leaf, new)
 
 
-def _vocab_parallel(full: nn.Embedding, rank: int, size: int, config) -> nn.Module:
+def _vocab_parallel(full: nn.Embedding, rank: int, size: int, config, weight) -> nn.Module:
     from megatron.core.tensor_parallel import VocabParallelEmbedding
     emb = VocabParallelEmbedding(full.num_embeddings, full.embedding_dim, init_method=nn.init.zeros_,
                                  config=config)
     with torch.no_grad():
-        emb.weight.copy_(_slice(full.weight, 0, rank, size))
+        emb.weight.copy_(_slice(weight, 0, rank, size))
     _mark_sharded(emb.weight, 0)
     return emb.to(full.weight.dtype)
 
@@ -200,25 +202,34 @@ def tensor_parallel_size() -> int:
     return ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
 
 
-def apply_tensor_parallel(model: nn.Module) -> nn.Module:
+def apply_tensor_parallel(model: nn.Module, value=None, keep=None) -> nn.Module:
     """Shard ``model`` (a full :class:`LanguageModel`, identical on every TP rank) in place, as its
-    modules' ``tp_plan`` says."""
+    modules' ``tp_plan`` says. ``value(name)``: the full tensor of parameter ``name`` (default: the
+    parameter itself; a meta-built model passes its initial values,
+    :mod:`nl_pretrain.parallel.materialize`), read before its module is replaced. ``keep(path)``:
+    whether this rank holds the module or parameter at ``path`` (others are left as they are)."""
     from megatron.core import parallel_state as ps
     size, rank = tensor_parallel_size(), ps.get_tensor_model_parallel_rank()
     if size == 1:
         return model
+    value = value or (lambda name: _get(model, name).detach())
+    keep = keep or (lambda path: True)
     config = _mp_config()
     params = shard_plan(model)
     for path, style in module_plan(model).items():
+        if not keep(path):
+            continue
         if style in (COLUMN, ROW):
-            _set_child(model, path, _parallel_linear(_get(model, path), style, rank, size, config))
+            lin = _get(model, path)
+            bias = value(f"{path}.bias") if lin.bias is not None else None
+            _set_child(model, path, _parallel_linear(lin, style, rank, size, config, value(f"{path}.weight"), bias))
         elif style == VOCAB:
-            _set_child(model, path, _vocab_parallel(_get(model, path), rank, size, config))
+            _set_child(model, path, _vocab_parallel(_get(model, path), rank, size, config, value(f"{path}.weight")))
         elif style == HEAD_SLICE:
             _set_child(model, path, ScatterHeads())
     for name, (style, _) in params.items():
-        if style == HEADS:
-            _shard_parameter(model, name, rank, size)
+        if style == HEADS and keep(name):
+            _shard_parameter(model, name, rank, size, value(name))
     return model
 
 

@@ -1,9 +1,11 @@
 """One rank of a TP x PP x DP job as a train module (:mod:`nl_pretrain.train.module`) for the one
 training loop, :func:`nl_pretrain.train.loop.fit`.
 
-:class:`DistributedTrainer` builds the full single-device model from the run seed (identical on every
-rank) and hands it to :func:`~nl_pretrain.parallel.parallelize.parallelize` (tensor parallel, slow
-CMS levels out of the engine, activation checkpointing, the DeepSpeed engine, in that order); it
+:class:`DistributedTrainer` builds the single-device model on the meta device from the run seed
+(identical on every rank; nothing allocated) and hands it to
+:func:`~nl_pretrain.parallel.parallelize.parallelize` (this rank's share materialised in place,
+tensor parallel, slow CMS levels out of the engine, activation checkpointing, the DeepSpeed engine,
+in that order); it
 computes one step (forward, backward, the engine's and the slow levels' updates) and the held-out
 sums. Loss normalisation: each DP rank divides its summed token losses by ``global labelled tokens /
 DP``, so DeepSpeed's DP-averaged gradients equal those of one process averaging over the whole batch.
@@ -40,8 +42,9 @@ class DistributedTrainer:
         self.dp_group = ps.get_data_parallel_group()
         self.pp_rank = ps.get_pipeline_model_parallel_rank()
         self.tp_rank = ps.get_tensor_model_parallel_rank()
-        torch.manual_seed(cfg.train.seed)               # the full model: identical on every rank
-        model = LanguageModel(cfg.model)
+        torch.manual_seed(cfg.train.seed)               # the init seed: identical on every rank
+        with torch.device("meta"):                      # nothing allocated: parallelize materialises
+            model = LanguageModel(cfg.model)            # this rank's share (parallel/materialize.py)
         self.plan = shard_plan(model)                   # how each full tensor is split (checkpoints)
         self.n_params = sum(p.numel() for p in model.parameters())
         par = parallelize(model, cfg, self.layout, self.device)
@@ -235,11 +238,11 @@ def train_distributed(cfg: RunConfig) -> dict:
     check_checkpoint_config(cfg)
     from nl_pretrain.train.loop import set_threads
     set_threads(cfg.train.threads)
-    trainer = DistributedTrainer(cfg)
-    lock = _lock_run_dir(cfg, dist.get_rank())
+    layout = init_parallel(cfg)
+    lock = _lock_run_dir(cfg, dist.get_rank())    # before anything is built
     failed = True
     try:
-        out = fit(cfg, trainer)
+        out = fit(cfg, DistributedTrainer(cfg, layout))
         failed = False
         return out
     finally:
