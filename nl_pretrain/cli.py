@@ -83,11 +83,37 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.format not in EXPORT_FORMATS:
+        raise ValueError(f"--format {args.format}: unknown export format; use --format safetensors (model.safetensors "
+                         f"+ config.yaml, the default) or --format hf (a directory transformers loads)")
+    if args.format == "hf":                  # docs/INFERENCE.md, "Hugging Face export"
+        from nl_pretrain.hf.export import export_hf
+        info = export_hf(args.checkpoint, args.out, args.tokenizer)
+        print(f"exported {info['checkpoint']} for transformers: {info['parameters']:,} parameters -> {info['out']} "
+              f"({', '.join(info['files'])})")
+        return 0
+    if args.tokenizer is not None:
+        raise ValueError("--tokenizer applies to --format hf only (the safetensors export copies the tokenizer "
+                         "the checkpoint carries); drop it")
     from nl_pretrain.checkpoint.export import export_checkpoint
     info = export_checkpoint(args.checkpoint, args.out)
     print(f"exported step {info['step']} of {info['checkpoint']}: {info['parameters']:,} parameters in "
-          f"{info['tensors']} tensors -> {info['out']}/model.safetensors (+ config.yaml)")
+          f"{info['tensors']} tensors -> {info['out']}/model.safetensors (+ config.yaml"
+          f"{', tokenizer.json' if info.get('tokenizer') else '; no tokenizer: the checkpoint predates them'})")
     return 0
+
+
+def cmd_lm_eval(args) -> int:
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise ValueError("nl-pretrain lm-eval needs the lm-eval package; install the eval extra "
+                         "(pip install -e '.[eval]' -c constraints-cpu.txt)") from None
+    from nl_pretrain.lm_eval_adapter import run_lm_eval     # docs/INFERENCE.md, "lm-eval"
+    return run_lm_eval(args.checkpoint, args.overrides)
+
+
+EXPORT_FORMATS = ("safetensors", "hf")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,7 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write one consolidated model (safetensors + config) from any checkpoint")
     e.add_argument("--checkpoint", required=True, help="a step-XXXXXXXX checkpoint dir, or a checkpoint root (newest)")
     e.add_argument("--out", required=True, help="output directory")
+    e.add_argument("--format", default="safetensors", metavar="|".join(EXPORT_FORMATS),
+                   help="safetensors (default): model.safetensors + config.yaml; hf: a transformers directory "
+                        "(also from an export dir)")
+    e.add_argument("--tokenizer", default=None, metavar="PATH|bytes",
+                   help="--format hf: the tokenizer when the checkpoint carries none (tokenizer.json, dataset dir, bytes)")
     e.set_defaults(func=cmd_export)
+    le = sub.add_parser("lm-eval", help="run lm-evaluation-harness on a checkpoint or export",
+                        epilog="every other option goes to `lm-eval run` (--tasks, --include_path, --limit, "
+                               "--output_path, --batch_size, --model_args dtype=float64, ...)")
+    le.add_argument("--checkpoint", required=True, help="a checkpoint dir or root, or an nl-pretrain export dir")
+    le.set_defaults(func=cmd_lm_eval)
+    from nl_pretrain.infer import commands as infer_commands     # generate, eval (docs/INFERENCE.md)
+    infer_commands.register(sub)
     try:
         from data_pipeline import cli as data_cli
         data_cli.register(sub)
@@ -128,7 +166,7 @@ def main(argv=None) -> int:
     args.overrides = [r for r in rest]
     if getattr(args, "resume", None):
         args.overrides.append(f"--train.resume={args.resume}")
-    if rest and args.command not in ("train", "info"):
+    if rest and args.command not in ("train", "info", "lm-eval"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     from nl_pretrain.checkpoint.store import CheckpointError
     from nl_pretrain.train.rundir import RunDirBusy

@@ -30,9 +30,9 @@ def resolve_checkpoint(path: str) -> Path:
                             f"nor a checkpoint root holding one; point it at <run_dir>/checkpoints")
 
 
-def export_checkpoint(checkpoint: str, out: str) -> dict:
-    """Write ``out/model.safetensors`` and ``out/config.yaml`` (temp names, then rename)."""
-    from safetensors.torch import save_file
+def consolidate(checkpoint: str):
+    """``(path, common, cfg, tensors)``: every parameter of the single-device model, whatever layout
+    wrote the checkpoint (also what :mod:`nl_pretrain.infer` loads a checkpoint with)."""
     import yaml
     from nl_pretrain.config import build_config
     from nl_pretrain.model import LanguageModel
@@ -58,6 +58,14 @@ def export_checkpoint(checkpoint: str, out: str) -> dict:
         if tuple(t.shape) != tuple(meta_p.shape):
             raise ValueError(f"{name}: shape {tuple(t.shape)} in {path}, the model config says {tuple(meta_p.shape)}")
         tensors[name] = t
+    return path, common, cfg, tensors
+
+
+def export_checkpoint(checkpoint: str, out: str) -> dict:
+    """Write ``out/model.safetensors``, ``out/config.yaml`` and the run's ``out/tokenizer.json``
+    (temp names, then rename; checkpoints written before tokenizers were carried have none)."""
+    from safetensors.torch import save_file
+    path, common, cfg, tensors = consolidate(checkpoint)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"step": str(common["step"]), "tokens": str(common["tokens"]), "source": str(path),
@@ -69,9 +77,14 @@ def export_checkpoint(checkpoint: str, out: str) -> dict:
     tmp = out_dir / "config.yaml.part"
     tmp.write_text(common["config"])
     os.replace(tmp, out_dir / "config.yaml")
+    tok = common.get("tokenizer")
+    if tok is not None:
+        tmp = out_dir / "tokenizer.json.part"
+        tmp.write_text(tok["json"])
+        os.replace(tmp, out_dir / "tokenizer.json")
     n = sum(t.numel() for t in tensors.values())
     return {"checkpoint": str(path), "step": common["step"], "parameters": n, "tensors": len(tensors),
-            "out": str(out_dir)}
+            "out": str(out_dir), "tokenizer": tok is not None}
 
 
 def _umask() -> int:

@@ -83,10 +83,17 @@ class Checkpointer:
             files["common.pt"] = {"format": FORMAT, "step": step, "tokens": tokens,
                                   "counters": self.access.counters(), "data": data_state,
                                   "config": dump_config(self.cfg), "model": asdict(self.cfg.model),
-                                  "layout": self.layout, "versions": versions()}
+                                  "layout": self.layout, "versions": versions(), "tokenizer": self.tokenizer()}
             meta = {"format": FORMAT, "step": step, "tokens": tokens, "layout": self.layout,
                     "world": c["world"], "versions": versions()}
         self.store.save(step, files, meta, private=(shard,))
+
+    def tokenizer(self) -> Optional[dict]:
+        """The run's tokenizer, carried by every checkpoint so that inference decodes with it."""
+        if not hasattr(self, "_tokenizer"):
+            from nl_pretrain.infer.tokenizer import run_tokenizer_record
+            self._tokenizer = run_tokenizer_record(self.cfg.data)
+        return self._tokenizer
 
     def wait(self) -> None:
         self.store.wait()
