@@ -14,15 +14,26 @@ NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "What is the pass key? The pass key is"
 
 
+def minimum_length(tokenizer) -> int:
+    """Tokens of BOS + needle + question (5-digit keys): the shortest prompt there is."""
+    return 1 + len(tokenizer.encode(NEEDLE.format(key="12345"))) + len(tokenizer.encode(QUESTION))
+
+
+def check_lengths(tokenizer, lengths: List[int]) -> None:
+    low = minimum_length(tokenizer)
+    short = [n for n in lengths if n < low]
+    if short:
+        raise ValueError(f"--passkey-lengths {','.join(map(str, short))}: too short for the needle and question "
+                         f"({low} tokens with this tokenizer); use lengths >= {low}")
+
+
 def passkey_prompt(tokenizer, length: int, key: str, depth: float) -> List[int]:
-    """Token ids (BOS first) of about ``length`` tokens: filler with the needle at ``depth`` in [0, 1]."""
+    """Token ids (BOS first) of ``length`` tokens: filler with the needle at ``depth`` in [0, 1]."""
     filler = tokenizer.encode(FILLER)
     needle = tokenizer.encode(NEEDLE.format(key=key))
     question = tokenizer.encode(QUESTION)
+    check_lengths(tokenizer, [length])
     room = length - 1 - len(needle) - len(question)
-    if room < 0:
-        raise ValueError(f"--passkey-lengths {length}: too short for the needle and question "
-                         f"({len(needle) + len(question) + 1} tokens); use lengths >= {len(needle) + len(question) + 1}")
     hay = (filler * (room // max(1, len(filler)) + 1))[:room]
     at = int(round(depth * room))
     return [tokenizer.bos_id] + hay[:at] + needle + hay[at:] + question

@@ -112,6 +112,8 @@ def cmd_eval(args) -> int:
         if v < 1:
             raise ValueError(f"{name} {v} must be >= 1")
     session = _session(args)
+    from nl_pretrain.eval.passkey import check_lengths
+    check_lengths(session.tokenizer, lengths)
     for n in lengths:
         session.check_length(n + 8, f"--passkey-lengths {n}")
     cfg = session.config
