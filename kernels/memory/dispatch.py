@@ -98,14 +98,15 @@ def memory_chunk(spec: MemorySpec, state: State, mom: Optional[State], k, vhat, 
 
 
 def memory_sequence(spec: MemorySpec, state: State, mom: Optional[State], k, vhat, eta, alpha, beta, q,
-                    chunk: int, self_targets: bool = False, impl: str = "torch", resets=None):
+                    chunk: int, self_targets: bool = False, impl: str = "torch", resets=None, recompute: bool = False):
     """One memory over a whole sequence in chunks of ``chunk`` tokens (the last possibly short):
     ``(reads (N, T, d_out) or None, final state, final momentum)``. With ``self_targets`` the
     ``vhat`` argument holds ``v`` and each chunk's target is ``M_ref(l2norm(v))`` (Eq. 84-85).
     ``impl='triton'`` runs one launch forward and one backward for linear memories with state-free
     writes and for MLP memories; other combinations run the per-chunk kernels in a loop.
     ``resets: (N, n_chunks)`` bool or None: chunk j of a row restarts from ``state``/``mom`` where
-    true (a packed document starts there)."""
+    true (a packed document starts there). ``recompute`` (PyTorch path): keep only chunk-start states
+    for the backward and recompute inside each chunk (the Triton kernels always do)."""
     if spec.momentum != (mom is not None and beta is not None):
         raise ValueError(f"spec.momentum={spec.momentum} but mom/beta given={mom is not None}/{beta is not None}")
     if impl == "triton":
@@ -124,11 +125,11 @@ def memory_sequence(spec: MemorySpec, state: State, mom: Optional[State], k, vha
     if impl == "triton":   # no whole-sequence kernel for this memory: the per-chunk kernels
         return _chunk_loop(spec, state, mom, k, vhat, eta, alpha, beta, q, chunk, self_targets, impl, resets)
     return _fp32_torch(sequence_torch.memory_sequence, spec, state, mom, k, vhat, eta, alpha, beta, q, chunk,
-                       self_targets=self_targets, resets=resets)
+                       self_targets=self_targets, resets=resets, recompute=recompute)
 
 
 def projection_sequence(spec: MemorySpec, P, S, u, beta, eta_bias, alpha_bias, eta_max: float, chunk: int,
-                        update_eta_scale: float = 1.0, impl: str = "torch", resets=None):
+                        update_eta_scale: float = 1.0, impl: str = "torch", resets=None, recompute: bool = False):
     """HOPE's self-modifying projection pass over a sequence (the stacked k, v, eta, alpha linear
     memories; contract in :func:`kernels.memory.sequence_torch.projection_sequence`):
     ``((k, v, eta, alpha), P_T, S_T)``. ``impl='triton'``: one launch forward, one backward."""
@@ -140,7 +141,7 @@ def projection_sequence(spec: MemorySpec, P, S, u, beta, eta_bias, alpha_bias, e
                                             update_eta_scale, **kw)
     from kernels.memory import sequence_torch
     return _fp32_torch(sequence_torch.projection_sequence, spec, P, S, u, beta, eta_bias, alpha_bias, eta_max,
-                       chunk, update_eta_scale, resets=resets)
+                       chunk, update_eta_scale, resets=resets, recompute=recompute)
 
 
 @functools.lru_cache(maxsize=None)

@@ -27,7 +27,7 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def memory_sequence(spec: MemorySpec, state, mom, k, vhat, eta, alpha, beta, q, chunk: int,
-                    self_targets: bool = False, resets=None):
+                    self_targets: bool = False, resets=None, recompute: bool = False):
     """``(reads (N,T,d_out) or None, final state, final momentum)`` of one memory over T tokens.
 
     ``k, q: (N, T, d_in)``; ``vhat: (N, T, d_out)`` (or ``v`` with ``self_targets``); ``eta, alpha:
@@ -38,7 +38,14 @@ def memory_sequence(spec: MemorySpec, state, mom, k, vhat, eta, alpha, beta, q, 
     Everything that does not depend on the state (decay matrices, key Grams, the triangular
     inverse of the weight that reads k) is built for all full chunks in one batched call before
     the loop; the loop keeps only the state-dependent work (gradients at the chunk-start state,
-    self-generated targets, an MLP's hidden keys)."""
+    self-generated targets, an MLP's hidden keys).
+
+    ``recompute``: every chunk's step runs under activation checkpointing, so the backward keeps only
+    the chunk-start states and momenta (and the per-token inputs) and recomputes each chunk's
+    coefficients and intermediates from them (activation memory per token: the inputs plus one
+    state per chunk, instead of the C x C matrices and every intermediate of every chunk)."""
+    if recompute and torch.is_grad_enabled():
+        return _recomputed_sequence(spec, state, mom, k, vhat, eta, alpha, beta, q, chunk, self_targets, resets)
     N, T = k.shape[:2]
     n_full = T // chunk
     c_all = eta if spec.rule == "dgd" else None
@@ -63,13 +70,47 @@ def memory_sequence(spec: MemorySpec, state, mom, k, vhat, eta, alpha, beta, q, 
             co = full[j]
         else:                                                    # the short last chunk
             co = chunk_coefficients(ac.log(), b, kc, qc, cc, rc)
-        co_h = {key: v for key, v in co.items() if key not in ("DpA", "GpA", "DpAq", "GpAq")}
-        co_h.update(c=None, rho=None, T=None)                     # an MLP's W1: key h, no erase term
-        target = memory_read(spec, state, l2norm(vc)) if self_targets else vc
-        affine = (lambda W0, S0, K, Q, c, rho, w, la, bb, co=co: affine_apply(co, W0, S0, K, Q, w),
-                  lambda W0, S0, K, Q, c, rho, w, la, bb, co=co_h: affine_apply(co, W0, S0, K, Q, w))
-        o, state, mom = compose_chunk(spec, affine, state, mom, kc, target, ec, ac, beta, qc)
+        o, state, mom = _chunk_step(spec, co, state, mom, kc, qc, vc, ec, ac, beta, self_targets)
         outs.append(o)
+    return (torch.cat(outs, 1) if q is not None else None), state, mom
+
+
+def _chunk_step(spec, co, state, mom, kc, qc, vc, ec, ac, beta, self_targets):
+    """One chunk from its start state, given the chunk's coefficients: ``(reads, state, mom)``."""
+    co_h = {key: v for key, v in co.items() if key not in ("DpA", "GpA", "DpAq", "GpAq")}
+    co_h.update(c=None, rho=None, T=None)                         # an MLP's W1: key h, no erase term
+    target = memory_read(spec, state, l2norm(vc)) if self_targets else vc
+    affine = (lambda W0, S0, K, Q, c, rho, w, la, bb, co=co: affine_apply(co, W0, S0, K, Q, w),
+              lambda W0, S0, K, Q, c, rho, w, la, bb, co=co_h: affine_apply(co, W0, S0, K, Q, w))
+    return compose_chunk(spec, affine, state, mom, kc, target, ec, ac, beta, qc)
+
+
+def _recomputed_sequence(spec, state, mom, k, vhat, eta, alpha, beta, q, chunk, self_targets, resets):
+    """:func:`memory_sequence` with each chunk checkpointed (coefficients built inside the chunk)."""
+    from torch.utils.checkpoint import checkpoint
+    T = k.shape[1]
+    c_all = eta if spec.rule == "dgd" else None
+    rho_all = -eta if (spec.kind == "linear" and spec.loss == "l2" and spec.grad_at == "running") else None
+    b = beta[:, None] if spec.momentum else None
+    n_state = len(state)
+
+    def step(kc, qc, vc, ec, ac, cc, rc, bt, *carried):
+        st, mo = tuple(carried[:n_state]), (tuple(carried[n_state:]) if mom is not None else None)
+        co = chunk_coefficients(ac.log(), bt[:, None] if bt is not None else None, kc, qc, cc, rc)
+        o, st, mo = _chunk_step(spec, co, st, mo, kc, qc, vc, ec, ac, bt, self_targets)
+        return (o,) + tuple(st) + (tuple(mo) if mo is not None else ())
+
+    pieces = [_chunks(x, chunk, T) for x in (k, q, vhat, eta, alpha, c_all, rho_all)]
+    init = (state, mom)
+    outs = []
+    for j, (kc, qc, vc, ec, ac, cc, rc) in enumerate(zip(*pieces)):
+        if resets is not None and j > 0:
+            state, mom = restart(resets[:, j], init, (state, mom))
+        res = checkpoint(step, kc, qc, vc, ec, ac, cc, rc, beta if b is not None else None, *state,
+                         *(mom if mom is not None else ()), use_reentrant=False)
+        outs.append(res[0])
+        state = tuple(res[1:1 + n_state])
+        mom = tuple(res[1 + n_state:]) if mom is not None else None
     return (torch.cat(outs, 1) if q is not None else None), state, mom
 
 
@@ -114,7 +155,7 @@ def projection_reads(P: torch.Tensor, u: torch.Tensor, eta_bias, alpha_bias, eta
 
 
 def projection_sequence(spec: MemorySpec, P, S, u, beta, eta_bias, alpha_bias, eta_max: float, chunk: int,
-                        update_eta_scale: float = 1.0, resets=None):
+                        update_eta_scale: float = 1.0, resets=None, recompute: bool = False):
     """The projection pass over T tokens: ``((k, v, eta, alpha), P_T, S_T)``.
 
     ``P, S: (N, 2 d_h + 2, d_h)`` (``S`` None without momentum); ``u: (N, T, d_h)``;
@@ -124,7 +165,7 @@ def projection_sequence(spec: MemorySpec, P, S, u, beta, eta_bias, alpha_bias, e
     (``spec``: a linear memory, any rule/loss/gradient point) with keys ``k``, learning rate
     ``eta * update_eta_scale`` and retention ``alpha``. Rows of a linear memory evolve independently
     given the keys, so the stacked write equals the four separate writes; only the momentum
-    coefficient differs per memory. ``resets``: as in :func:`memory_sequence`."""
+    coefficient differs per memory. ``resets``, ``recompute``: as in :func:`memory_sequence`."""
     if spec.kind != "linear":
         raise ValueError("projection_sequence stacks linear projection memories; "
                          f"got kind={spec.kind} (use the per-memory chunk loop)")
@@ -138,11 +179,23 @@ def projection_sequence(spec: MemorySpec, P, S, u, beta, eta_bias, alpha_bias, e
         if resets is not None and j > 0:
             (P,), mom = restart(resets[:, j], init, ((P,), (S,) if S is not None else None))
             S = mom[0] if mom is not None else None
-        k, v, eta, alpha = projection_reads(P, uc, eta_bias, alpha_bias, eta_max)
-        vhat = l2norm(v) @ P.transpose(1, 2)
-        P, S = _stacked_write(spec, P, S, k, vhat, eta * update_eta_scale, alpha, beta, groups)
+        if recompute and torch.is_grad_enabled():     # keep only the chunk-start P, S (see memory_sequence)
+            from torch.utils.checkpoint import checkpoint
+            k, v, eta, alpha, P, S = checkpoint(_projection_chunk, spec, P, S, uc, beta, eta_bias, alpha_bias,
+                                                eta_max, update_eta_scale, groups, use_reentrant=False)
+        else:
+            k, v, eta, alpha, P, S = _projection_chunk(spec, P, S, uc, beta, eta_bias, alpha_bias, eta_max,
+                                                       update_eta_scale, groups)
         pieces.append((k, v, eta, alpha))
     return tuple(torch.cat(p, 1) for p in zip(*pieces)), P, S
+
+
+def _projection_chunk(spec, P, S, uc, beta, eta_bias, alpha_bias, eta_max, update_eta_scale, groups):
+    """One chunk of the projection pass: its reads at the chunk-start ``P`` and the stacked write."""
+    k, v, eta, alpha = projection_reads(P, uc, eta_bias, alpha_bias, eta_max)
+    vhat = l2norm(v) @ P.transpose(1, 2)
+    P, S = _stacked_write(spec, P, S, k, vhat, eta * update_eta_scale, alpha, beta, groups)
+    return k, v, eta, alpha, P, S
 
 
 def _stacked_write(spec, P, S, k, vhat, eta, alpha, beta, groups):

@@ -42,10 +42,12 @@ class ContextLevel(nn.Module):
         self.init = MemoryInit("mlp", H, d // H, d // H, level.expansion)
         self.w_target = nn.Linear(d, d, bias=False)   # W_T: the level's learned target projection
         self.w_eta = nn.Linear(d, H, bias=True)
-        self.w_alpha = nn.Linear(d, H, bias=True)
+        if cfg.retention:                   # without it (Table 6, no weight decay) alpha_t = 1
+            self.w_alpha = nn.Linear(d, H, bias=True)
         with torch.no_grad():
             self.w_eta.bias.fill_(ETA_BIAS_INIT)
-            self.w_alpha.bias.fill_(ALPHA_BIAS_INIT)
+            if cfg.retention:
+                self.w_alpha.bias.fill_(ALPHA_BIAS_INIT)
         self.beta_logit = nn.Parameter(torch.full((H,), BETA_LOGIT))
         self.w_o = nn.Linear(d, d, bias=False)
         self.local_heads = nn.Identity()   # the heads of z this module owns (tensor parallel: a slice)
@@ -73,12 +75,14 @@ class ContextLevel(nn.Module):
         eta = self.cfg.eta_max * self.cfg.mlp_eta_scale * torch.sigmoid(to_rows(self.w_eta(z), self.H)[..., 0])
         if self.cfg.eta_chunk_mean:      # chunk-start gradients: the chunk's mean gradient (docs/MODEL.md)
             eta = eta / self.period
-        alpha = torch.sigmoid(to_rows(self.w_alpha(z), self.H)[..., 0])
+        alpha = (torch.sigmoid(to_rows(self.w_alpha(z), self.H)[..., 0]) if self.cfg.retention
+                 else keys.new_ones(keys.shape[:2]))
         beta = torch.sigmoid(self.beta_logit).repeat(B) if self.cfg.momentum else None
         start = self.initial_carry(B) if carry is None else carry
         reads, state, mom = memory_sequence(self.spec, start.states["mem"], start.moms["mem"], keys, targets, eta,
                                             alpha, beta, keys, self.period, impl=impl,
-                                            resets=docs.resets(self.period, self.H) if docs is not None else None)
+                                            resets=docs.resets(self.period, self.H) if docs is not None else None,
+                                            recompute=self.cfg.recompute_chunks)
         y = self.w_o(from_rows(reads, B))
         return y if carry is None else (y, Carry({"mem": state}, {"mem": mom}))
 

@@ -24,7 +24,8 @@ from nl_pretrain.model.layers import CausalConv, l2norm
 from nl_pretrain.model.memories import MemoryInit, ResolvedImpl, from_rows, make_spec, to_rows
 from nl_pretrain.model.sharding import COLUMN, HEADS, ROW
 
-PROJ_MEMORIES = ("k", "v", "eta", "alpha")
+PROJ_MEMORIES = ("k", "v", "eta", "alpha")          # HOPE's adaptive set (the stacked fast path's layout)
+PROJECTIONS = ("q", "k", "v", "eta", "alpha")       # every projection that can be an adaptive memory (D21)
 ETA_BIAS_INIT, ALPHA_BIAS_INIT, BETA_INIT = -2.0, 4.0, 0.9
 BETA_LOGIT = math.log(BETA_INIT / (1 - BETA_INIT))
 
@@ -41,35 +42,40 @@ class SelfModifyingTitans(nn.Module):
         d, H = cfg.d_model, cfg.n_heads
         dh = d // H
         self.cfg, self.d, self.dh = cfg, d, dh
-        self.adaptive = cfg.adaptive_projections
+        # which projections are adaptive memories read from u, and which are static projections of x
+        # (model.projection_memories, model.retention: the Table 6 switches, docs/MODEL.md D21)
+        wanted = cfg.projection_memories if cfg.adaptive_projections else ()
+        self.proj_memories = tuple(m for m in PROJECTIONS if m in wanted and (m != "alpha" or cfg.retention))
+        self.static = tuple(m for m in PROJECTIONS if m not in self.proj_memories and (m != "alpha" or cfg.retention))
+        self.adaptive = bool(self.proj_memories)
         rule, loss, lg, mom = cfg.rule, cfg.inner_loss, cfg.linear_grad, cfg.momentum
         self.proj_spec = make_spec(cfg.proj_memory, rule, loss, lg, mom)
         self.main_spec = make_spec(cfg.main_memory, rule, loss, lg, mom)
-        self.w_q = nn.Linear(d, H * dh, bias=False)
-        self.conv_q = CausalConv(H * dh, cfg.conv_kernel)
+        if "q" in self.static:
+            self.w_q = nn.Linear(d, H * dh, bias=False)
+            self.conv_q = CausalConv(H * dh, cfg.conv_kernel)
         if self.adaptive:
             self.w_u = nn.Linear(d, H * dh, bias=False)
             self.conv_u = CausalConv(H * dh, cfg.conv_kernel)
             e = cfg.memory_expansion
-            self.proj_init = nn.ModuleDict({
-                "k": MemoryInit(cfg.proj_memory, H, dh, dh, e, identity=True),
-                "v": MemoryInit(cfg.proj_memory, H, dh, dh, e, identity=True),
-                "eta": MemoryInit(cfg.proj_memory, H, dh, 1, e),
-                "alpha": MemoryInit(cfg.proj_memory, H, dh, 1, e),
-            })
-        else:
-            self.w_k = nn.Linear(d, H * dh, bias=False)
-            self.w_v = nn.Linear(d, H * dh, bias=False)
-            self.conv_k = CausalConv(H * dh, cfg.conv_kernel)
-            self.conv_v = CausalConv(H * dh, cfg.conv_kernel)
-            self.w_eta = nn.Linear(d, H, bias=False)
-            self.w_alpha = nn.Linear(d, H, bias=False)
+            self.proj_init = nn.ModuleDict({       # q, k, v: d_h -> d_h from the identity; eta, alpha: d_h -> 1
+                m: MemoryInit(cfg.proj_memory, H, dh, dh if m in ("q", "k", "v") else 1, e,
+                              identity=m in ("q", "k", "v")) for m in self.proj_memories})
+        for m in ("k", "v"):
+            if m in self.static:
+                setattr(self, "w_" + m, nn.Linear(d, H * dh, bias=False))
+        for m in ("k", "v"):
+            if m in self.static:
+                setattr(self, "conv_" + m, CausalConv(H * dh, cfg.conv_kernel))
+        for m in ("eta", "alpha"):
+            if m in self.static:
+                setattr(self, "w_" + m, nn.Linear(d, H, bias=False))
         # static per-head biases of the eta / alpha outputs (retention starts close to 1)
         self.eta_bias = nn.Parameter(torch.full((H,), ETA_BIAS_INIT))
         self.alpha_bias = nn.Parameter(torch.full((H,), ALPHA_BIAS_INIT))
         self.main_init = MemoryInit(cfg.main_memory, H, dh, dh, cfg.memory_expansion, identity=False)
-        n_mem = 5 if self.adaptive else 1
-        # momentum beta in (0, 1): a learned scalar per head and per memory (order: k, v, eta, alpha, mem)
+        n_mem = len(self.proj_memories) + 1
+        # momentum beta in (0, 1): a learned scalar per head and per memory (order: proj_memories, mem)
         self.beta_logit = nn.Parameter(torch.full((H, n_mem), BETA_LOGIT))
         self.out_norm = nn.Parameter(torch.ones(H, dh))
         self.w_g = nn.Linear(d, H * dh, bias=False)
@@ -99,11 +105,23 @@ class SelfModifyingTitans(nn.Module):
             # u is l2-normalised (like q): reads of the projection memories stay bounded by their
             # state, which the self-referential targets M(M_v(u)) would otherwise amplify (MODEL.md)
             return l2norm(to_rows(F.silu(self._conv("u", self.w_u(x), docs, carry)), self.H))
-        k = l2norm(to_rows(F.silu(self._conv("k", self.w_k(x), docs, carry)), self.H))
-        v = to_rows(F.silu(self._conv("v", self.w_v(x), docs, carry)), self.H)
-        eta = self.gate_eta(to_rows(self.w_eta(x), self.H)[..., 0], x.shape[0])
-        alpha = self.gate_alpha(to_rows(self.w_alpha(x), self.H)[..., 0], x.shape[0])
-        return k, v, eta, alpha
+        p = self.static_inputs(x, docs, carry)
+        return p["k"], p["v"], p["eta"], p["alpha"]
+
+    def static_inputs(self, x, docs=None, carry=None):
+        """Rows of the static projections among k, v, eta, alpha (``alpha = 1`` without retention)."""
+        B, H, out = x.shape[0], self.H, {}
+        if "k" in self.static:
+            out["k"] = l2norm(to_rows(F.silu(self._conv("k", self.w_k(x), docs, carry)), H))
+        if "v" in self.static:
+            out["v"] = to_rows(F.silu(self._conv("v", self.w_v(x), docs, carry)), H)
+        if "eta" in self.static:
+            out["eta"] = self.gate_eta(to_rows(self.w_eta(x), H)[..., 0], B)
+        if "alpha" in self.static:
+            out["alpha"] = self.gate_alpha(to_rows(self.w_alpha(x), H)[..., 0], B)
+        elif not self.cfg.retention:
+            out["alpha"] = x.new_ones(B * H, x.shape[1])          # no weight decay: alpha_t = 1
+        return out
 
     def _row_bias(self, bias, batch):
         return bias.repeat(batch)[:, None]                   # rows are batch-major: (B*H, 1)
@@ -131,18 +149,20 @@ class SelfModifyingTitans(nn.Module):
     def initial(self, batch):
         states = {"mem": self.main_init.expand(batch)}
         if self.adaptive:
-            states.update({m: self.proj_init[m].expand(batch) for m in PROJ_MEMORIES})
+            states.update({m: self.proj_init[m].expand(batch) for m in self.proj_memories})
         moms = {m: (tuple(torch.zeros_like(w) for w in s) if self.cfg.momentum else None)
                 for m, s in states.items()}
         return states, moms
 
     def project(self, states, u, batch):
-        """Reads of the projection memories at their chunk-start states: ``k, v, eta, alpha``."""
-        k = l2norm(memory_read(self.proj_spec, states["k"], u))
-        v = memory_read(self.proj_spec, states["v"], u)
-        eta = self.gate_eta(memory_read(self.proj_spec, states["eta"], u)[..., 0], batch)
-        alpha = self.gate_alpha(memory_read(self.proj_spec, states["alpha"], u)[..., 0], batch)
-        return k, v, eta, alpha
+        """Reads of the adaptive projection memories at their chunk-start states: ``{name: rows}``
+        (q and k l2-normalised, eta and alpha through their gates)."""
+        out = {}
+        for m in self.proj_memories:
+            r = memory_read(self.proj_spec, states[m], u)
+            out[m] = (l2norm(r) if m in ("q", "k") else self.gate_eta(r[..., 0], batch) if m == "eta"
+                      else self.gate_alpha(r[..., 0], batch) if m == "alpha" else r)
+        return out
 
     def target(self, spec, ref_state, v):
         """Self-generated target ``vhat = M_ref(v / |v|)`` (Eq. 84-85) or the plain target ``v``.
@@ -187,19 +207,24 @@ class SelfModifyingTitans(nn.Module):
         states, moms = self.initial(B) if carry is None else (dict(carry.states), dict(carry.moms))
         out = None if carry is None else Carry(states, moms, dict(carry.conv))
         betas = self.betas(B)
-        q = self.queries(x, docs, out)
+        q = self.queries(x, docs, out) if "q" in self.static else None
         if not self.adaptive:
             k, v, eta, alpha = self.inputs(x, docs, out)
-        elif self.proj_spec.kind == "linear":
+        elif self.proj_memories == PROJ_MEMORIES and self.proj_spec.kind == "linear":
             k, v, eta, alpha = self._stacked_projection_pass(self.inputs(x, docs, out), states, moms, betas, B, impl,
                                                              docs)
         else:
-            k, v, eta, alpha = self._projection_pass(self.inputs(x, docs, out), states, moms, betas, B, impl, docs)
+            fixed = self.static_inputs(x, docs, out)
+            if q is not None:
+                fixed["q"] = q
+            r = self._projection_pass(self.inputs(x, docs, out), fixed, states, moms, betas, B, impl, docs)
+            q, k, v, eta, alpha = (r[n] for n in PROJECTIONS)
         spec, C = self.main_spec, self.cfg.chunk_mem
         beta = betas[-1] if self.cfg.momentum else None
         o, states["mem"], moms["mem"] = memory_sequence(
             spec, states["mem"], moms["mem"], k, v, self.chunk_eta(spec, eta, C), alpha, beta, q, C,
-            self_targets=self.cfg.self_targets, impl=impl, resets=docs.resets(C, self.H) if docs is not None else None)
+            self_targets=self.cfg.self_targets, impl=impl, resets=docs.resets(C, self.H) if docs is not None else None,
+            recompute=self.cfg.recompute_chunks)
         y = self.output(o, x)
         return y if carry is None else (y, out)
 
@@ -214,30 +239,34 @@ class SelfModifyingTitans(nn.Module):
         (k, v, eta, alpha), P, S = projection_sequence(
             self.proj_spec, P, S, u, beta, self._row_bias(self.eta_bias, batch)[:, 0],
             self._row_bias(self.alpha_bias, batch)[:, 0], self.cfg.eta_max, C, self.proj_eta_scale(C), impl=impl,
-            resets=docs.resets(C, self.H) if docs is not None else None)
+            resets=docs.resets(C, self.H) if docs is not None else None, recompute=self.cfg.recompute_chunks)
         sizes = [states[m][0].shape[1] for m in PROJ_MEMORIES]      # final states back per memory (inference)
         S_parts = S.split(sizes, 1) if S is not None else [None] * len(sizes)
         for m, Pm, Sm in zip(PROJ_MEMORIES, P.split(sizes, 1), S_parts):
             states[m], moms[m] = (Pm,), ((Sm,) if self.cfg.momentum else None)
         return k, v, eta, alpha
 
-    def _projection_pass(self, u, states, moms, betas, batch, impl, docs=None):
-        """MLP projection memories: one memory at a time, in chunks of ``chunk_proj``."""
+    def _projection_pass(self, u, fixed, states, moms, betas, batch, impl, docs=None):
+        """The adaptive projection memories one at a time, in chunks of ``chunk_proj`` (MLP memories,
+        or any set other than HOPE's four linear ones): reads at the chunk-start states, the static
+        projections ``fixed`` (full-sequence rows) for the rest; every memory is written with the
+        chunk's keys, learning rates and retention. Returns ``{q, k, v, eta, alpha}`` rows."""
         T, C, spec = u.shape[1], self.cfg.chunk_proj, self.proj_spec
         resets = docs.resets(C, self.H) if docs is not None else None
-        init = {m: (states[m], moms[m]) for m in PROJ_MEMORIES}
+        init = {m: (states[m], moms[m]) for m in self.proj_memories}
         pieces = []
         for j, s in enumerate(range(0, T, C)):
             e = min(s + C, T)
             if resets is not None and j > 0:
-                for m in PROJ_MEMORIES:
+                for m in self.proj_memories:
                     states[m], moms[m] = restart(resets[:, j], init[m], (states[m], moms[m]))
-            k, v, eta, alpha = self.project(states, u[:, s:e], batch)
-            eta_m = self.chunk_eta(spec, eta, C)
-            for i, m in enumerate(PROJ_MEMORIES):
-                vhat = self.target(spec, states[m], v)
+            r = self.project(states, u[:, s:e], batch)
+            r.update({n: t[:, s:e] for n, t in fixed.items()})
+            eta_m = self.chunk_eta(spec, r["eta"], C)
+            for i, m in enumerate(self.proj_memories):
+                vhat = self.target(spec, states[m], r["v"])
                 beta = betas[i] if self.cfg.momentum else None
-                _, states[m], moms[m] = memory_chunk(spec, states[m], moms[m], k, vhat, eta_m, alpha, beta,
+                _, states[m], moms[m] = memory_chunk(spec, states[m], moms[m], r["k"], vhat, eta_m, r["alpha"], beta,
                                                      None, impl=impl)
-            pieces.append((k, v, eta, alpha))
-        return [torch.cat(p, 1) for p in zip(*pieces)]
+            pieces.append(r)
+        return {n: torch.cat([p[n] for p in pieces], 1) for n in PROJECTIONS}

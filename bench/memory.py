@@ -1,0 +1,164 @@
+"""Per-rank peak memory of a training step: the memory model's estimate against a measurement (CPU).
+
+    .venv/bin/python bench/memory.py [--only NAME ...] [--long-context]
+
+Measured: one training step (forward, backward, AdamW step) after a warm-up step, in one process,
+PyTorch memory path. The peak is the bytes held before the step (weights, optimizer state: every
+storage of the model and the optimizer) plus the peak of the storages created during the step, seen
+by a dispatch mode and a weak reference on each storage
+(:class:`nl_pretrain.parallel.memory_model.LiveBytes`): exact bytes of live tensors, not RSS.
+Estimated: :func:`nl_pretrain.parallel.memory_model.estimate` for the same config (one rank, no
+parallelism). ``--long-context``: HOPE at a tiny width from 2K to 32K tokens, activation bytes
+(kept after the forward) per token, with and without ``model.recompute_chunks``.
+Writes a table and bench/results/memory.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench.common import load_average, machine, write_json  # noqa: E402
+
+MIB = 2 ** 20
+BASE = ["--model.memory_impl=torch", "--model.max_seq_len=65536", "--optim.name=adamw"]
+CONFIGS = {
+    "hope T=256 B=2": ["--model.preset=hope-tiny", "--data.seq_len=256", "--train.micro_batch_size=2"],
+    "hope T=1024 B=1": ["--model.preset=hope-tiny", "--data.seq_len=1024", "--train.micro_batch_size=1"],
+    "hope T=512 B=1 act-ckpt": ["--model.preset=hope-tiny", "--data.seq_len=512", "--train.micro_batch_size=1",
+                                "--parallel.activation_checkpointing=true"],
+    "hope T=512 B=1 recompute": ["--model.preset=hope-tiny", "--data.seq_len=512", "--train.micro_batch_size=1",
+                                 "--model.recompute_chunks=true"],
+    "titans T=512 B=2": ["--model.preset=titans-tiny", "--data.seq_len=512", "--train.micro_batch_size=2"],
+    "gated_deltanet T=512 B=2": ["--model.preset=gated_deltanet-tiny", "--data.seq_len=512",
+                                 "--train.micro_batch_size=2"],
+    "transformer T=512 B=4": ["--model.preset=transformer-tiny", "--data.seq_len=512", "--train.micro_batch_size=4"],
+    "transformer T=1024 B=2 act-ckpt": ["--model.preset=transformer-tiny", "--data.seq_len=1024",
+                                        "--train.micro_batch_size=2", "--parallel.activation_checkpointing=true"],
+    "hope_attention T=256 B=2": ["--model.preset=hope_attention-tiny", "--data.seq_len=256",
+                                 "--train.micro_batch_size=2"],
+}
+
+
+class _Ckpt(torch.nn.Module):
+    """A block recomputed in the backward (torch.utils.checkpoint; one process, no DeepSpeed)."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x, docs=None):
+        from torch.utils.checkpoint import checkpoint
+        return checkpoint(self.block, x, docs, use_reentrant=False)
+
+
+def measure(cfg) -> dict:
+    """Peak bytes of the second training step of ``cfg`` in this process, and the bytes kept after its forward."""
+    from nl_pretrain.model import LanguageModel
+    from nl_pretrain.parallel.memory_model import LiveBytes, held_bytes
+    torch.manual_seed(0)
+    model = LanguageModel(cfg.model)
+    if cfg.parallel.activation_checkpointing:
+        model.blocks = torch.nn.ModuleList(_Ckpt(b) for b in model.blocks)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+    B, T = cfg.train.micro_batch_size, cfg.data.seq_len
+    ids = torch.randint(0, cfg.model.vocab_size, (B, T))
+
+    def step(tracker=None):
+        loss = model.loss(ids, ids)
+        kept = tracker.current if tracker is not None else 0
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return kept
+
+    step()
+    before = held_bytes(model, opt)
+    t0 = time.perf_counter()
+    with LiveBytes() as live:
+        kept = step(live)
+    return {"peak": before + live.peak, "held_before": before, "kept_after_forward": kept,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def estimated(cfg) -> dict:
+    from nl_pretrain.parallel.memory_model import estimate
+    from nl_pretrain.parallel.topology import Layout
+    return estimate(cfg, Layout(1, 1, 1, 0, cfg.train.micro_batch_size, 1))
+
+
+def table(rows) -> str:
+    head = f"{'config':34s} {'measured MiB':>13s} {'estimate MiB':>13s} {'est/meas':>9s}"
+    lines = [head, "-" * len(head)]
+    for name, r in rows.items():
+        lines.append(f"{name:34s} {r['measured'] / MIB:13.1f} {r['estimate'] / MIB:13.1f} {r['ratio']:9.3f}")
+    return "\n".join(lines)
+
+
+def long_context(lengths, recompute: bool) -> dict:
+    """Bytes kept after the forward of a tiny-width HOPE (d=32, 2 heads, 1 layer), per length."""
+    from nl_pretrain.config import load_config
+    from nl_pretrain.model import LanguageModel
+    from nl_pretrain.parallel.memory_model import LiveBytes
+    out = {}
+    for T in lengths:
+        cfg = load_config(None, BASE + LONG + [f"--data.seq_len={T}", f"--model.recompute_chunks={recompute}"])
+        torch.manual_seed(0)
+        model = LanguageModel(cfg.model)
+        ids = torch.randint(0, cfg.model.vocab_size, (1, T))
+        t0 = time.perf_counter()
+        with LiveBytes() as live:
+            loss = model.loss(ids, ids)
+            kept = live.current
+            loss.backward()
+        out[T] = {"kept_after_forward": kept, "peak": live.peak, "bytes_per_token": kept / T,
+                  "seconds": round(time.perf_counter() - t0, 1)}
+        print(f"  T={T:6d} recompute={recompute!s:5s} kept {kept / MIB:9.1f} MiB ({kept / T:8.0f} B/token), "
+              f"peak {live.peak / MIB:9.1f} MiB, {out[T]['seconds']} s", flush=True)
+    return out
+
+
+LONG = ["--model.preset=hope-tiny", "--model.d_model=32", "--model.n_heads=2", "--model.n_layers=1",
+        "--model.vocab_size=256", "--train.micro_batch_size=1"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="*", default=None, help="config names to run (default: all)")
+    ap.add_argument("--long-context", action="store_true", help="also the 2K-32K long-context table")
+    ap.add_argument("--lengths", nargs="*", type=int, default=[2048, 4096, 8192, 16384, 32768])
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "memory.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    from nl_pretrain.config import load_config
+    rows = {}
+    for name, ov in CONFIGS.items():
+        if args.only and name not in args.only:
+            continue
+        cfg = load_config(None, BASE + ov)
+        meas, est = measure(cfg), estimated(cfg)
+        rows[name] = {"overrides": ov, "measured": meas["peak"], "estimate": est["total"],
+                      "ratio": est["total"] / meas["peak"], "measurement": meas,
+                      "estimate_parts": {k: v for k, v in est.items()}}
+        print(f"{name:34s} measured {meas['peak'] / MIB:8.1f} MiB  estimate {est['total'] / MIB:8.1f} MiB  "
+              f"ratio {est['total'] / meas['peak']:.3f}  ({meas['seconds']} s)", flush=True)
+    print(table(rows))
+    result = {"machine": machine(1), "load_average": load_average(),
+              "method": "peak = storages held before the step + peak of storages created during it (dispatch "
+                        "mode + weak references; exact tensor bytes, not RSS); PyTorch memory path, one process, fp32",
+              "configs": rows}
+    if args.long_context:
+        result["long_context"] = {"overrides": LONG, "off": long_context(args.lengths, False),
+                                  "on": long_context(args.lengths, True)}
+    write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
