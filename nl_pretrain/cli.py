@@ -52,6 +52,8 @@ def cmd_train(args) -> int:
     import os
     cfg = load_config(args.config, args.overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    from nl_pretrain.config import resolve_token_periods      # CMS periods in tokens -> steps
+    resolve_token_periods(cfg, max(1, (args.world_size or world) // (cfg.parallel.tensor * cfg.parallel.pipeline)))
     if args.dry_run:
         from nl_pretrain.parallel.dryrun import dry_run_report
         print(dry_run_report(cfg, args.world_size or world, args.global_batch))

@@ -55,6 +55,7 @@ def _check_field(path: str, value: Any, meta) -> None:
 
 FAMILIES = ("hope", "hope_attention", "transformer", "titans", "gated_deltanet")
 MEMORY_KINDS = ("linear", "mlp")
+OPTIMIZERS = ("adamw", "muon", "m3", "delta_momentum", "dmgd")
 
 
 @dataclass
@@ -64,6 +65,11 @@ class CMSLevel:
     expansion: float = positive(4.0)   # hidden width = expansion * d (step) or * d_h (context)
     lr_scale: float = 1.0         # step levels: learning-rate multiplier
     phase: int = option(-1, ge=-1, note="(-1 = automatic)")   # step levels: stagger offset, < period
+    # step levels: the period in training tokens instead of steps (0 = use period); converted with the global
+    # batch (micro x accum x data parallel x seq_len) by resolve_token_periods, an error unless it divides evenly
+    period_tokens: int = option(0, ge=0, note="(0 = use period)")
+    # step levels: their own outer optimizer ("" = optim.name; docs/MODEL.md D20); its lr is lr_scale x the schedule
+    optimizer: str = option("", ("",) + OPTIMIZERS)
 
 
 @dataclass
@@ -96,6 +102,14 @@ class ModelConfig:
     eta_chunk_mean: bool = True   # chunk-start-gradient memories use eta_t / C (the chunk's mean gradient)
     conv_kernel: int = positive(4)
     memory_impl: str = option("auto", ("auto", "torch", "triton", "reference"))
+    # Table 6 switches (docs/MODEL.md D21): the projections that are adaptive memories when
+    # adaptive_projections is true (a subset of q, k, v, eta, alpha; the rest are static projections
+    # of x), and retention (false: alpha_t = 1 in every memory, i.e. no weight decay)
+    projection_memories: List[str] = field(default_factory=lambda: ["k", "v", "eta", "alpha"])
+    retention: bool = True
+    # PyTorch memory path: keep only chunk-start states for the backward and recompute inside each chunk
+    # (long context when memory is tight; docs/PARALLEL.md "Long context"; the Triton kernels always do)
+    recompute_chunks: bool = False
     # Continuum Memory System (docs/MODEL.md D13, D14); transformer: one step level with period 1
     cms: List[CMSLevel] = field(default_factory=lambda: [CMSLevel()])
 
@@ -153,9 +167,6 @@ class DMGDConfig:                 # Eq. 50 (and Eq. 52 with orthogonalize)
     ns_steps: int = positive(5)
     scale: str = option("rms", ("rms", "shape", "none"))
     seed: int = 0                            # memory initialisation
-
-
-OPTIMIZERS = ("adamw", "muon", "m3", "delta_momentum", "dmgd")
 
 
 @dataclass
@@ -319,11 +330,43 @@ def _check_relations(cfg: RunConfig) -> None:
     if m.adaptive_projections and not m.self_targets:
         raise ConfigError("model.self_targets=false needs model.adaptive_projections=false: plain targets "
                           "v_t are undefined for the scalar eta/alpha memories (docs/MODEL.md)")
+    projections = ("q", "k", "v", "eta", "alpha")
+    for name in m.projection_memories:
+        if name not in projections or m.projection_memories.count(name) > 1:
+            raise ConfigError(f"model.projection_memories={m.projection_memories!r}: each entry must be one of "
+                              f"{list(projections)}, at most once")
     if cfg.data.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
     for i, lvl in enumerate(m.cms):
         if lvl.kind == "step" and lvl.phase >= lvl.period:
             raise ConfigError(f"model.cms[{i}].phase ({lvl.phase}) must be < period ({lvl.period}) or -1 (auto)")
+        if lvl.kind == "context" and lvl.optimizer:
+            raise ConfigError(f"model.cms[{i}].optimizer={lvl.optimizer!r} applies to step levels only (a context "
+                              f"level's weights are fast weights updated by its inner rule); remove it")
+
+
+def resolve_token_periods(cfg: RunConfig, data_parallel: int) -> RunConfig:
+    """Step levels given ``period_tokens``: ``period = period_tokens / tokens per optimizer step``
+    (``micro_batch_size x grad_accum x data_parallel x seq_len``), in place; exact or an error."""
+    t = cfg.train
+    per_step = t.micro_batch_size * t.grad_accum * data_parallel * cfg.data.seq_len
+    for i, lvl in enumerate(cfg.model.cms):
+        if not lvl.period_tokens:
+            continue
+        if lvl.kind != "step":
+            raise ConfigError(f"model.cms[{i}].period_tokens applies to step levels only (a context level's "
+                              f"period is its chunk in tokens already); use model.cms[{i}].period")
+        if lvl.period_tokens % per_step:
+            lo = max(1, lvl.period_tokens // per_step)
+            raise ConfigError(f"model.cms[{i}].period_tokens ({lvl.period_tokens}) must divide by the tokens per "
+                              f"optimizer step ({per_step} = micro {t.micro_batch_size} x accum {t.grad_accum} x "
+                              f"data {data_parallel} x seq_len {cfg.data.seq_len}); use {lo * per_step} or "
+                              f"{(lo + 1) * per_step}")
+        lvl.period = lvl.period_tokens // per_step
+        if lvl.phase >= lvl.period:
+            raise ConfigError(f"model.cms[{i}].phase ({lvl.phase}) must be < period ({lvl.period} steps from "
+                              f"period_tokens {lvl.period_tokens}) or -1 (auto)")
+    return cfg
 
 
 def build_config(tree: Dict[str, Any]) -> RunConfig:

@@ -72,3 +72,18 @@ def test_hope_trains_a_16k_step():
     opt.step()
     assert torch.isfinite(loss)
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()) if p.grad.abs().max() > 0)
+
+
+def test_cms_period_tokens_become_steps():
+    from nl_pretrain.config import resolve_token_periods
+    cfg = load_config(None, ["--model.preset=hope-tiny", "--data.seq_len=128", "--train.micro_batch_size=2",
+                             "--train.grad_accum=2", "--model.cms=[{kind: context, period: 16}, "
+                             "{kind: step, period: 1}, {kind: step, period_tokens: 8192}]"])
+    resolve_token_periods(cfg, data_parallel=4)            # 2 x 2 x 4 x 128 = 2048 tokens per step
+    assert [lvl.period for lvl in cfg.model.cms] == [16, 1, 4]
+    cfg = load_config(None, ["--model.preset=hope-tiny", "--data.seq_len=128", "--train.micro_batch_size=2",
+                             "--model.cms=[{kind: step, period_tokens: 1000}]"])
+    with pytest.raises(ConfigError) as err:
+        resolve_token_periods(cfg, data_parallel=1)
+    assert str(err.value) == ("model.cms[0].period_tokens (1000) must divide by the tokens per optimizer step "
+                              "(256 = micro 2 x accum 1 x data 1 x seq_len 128); use 768 or 1024")
