@@ -1,0 +1,1 @@
+"""Hugging Face export of nl-pretrain models (``nl-pretrain export --format hf``)."""
