@@ -161,22 +161,42 @@ def write_plain(p, opt, rec: dict, acc=None) -> None:
         acc.copy_(rec["acc"] if "acc" in rec else torch.zeros_like(acc))
 
 
-def check_optimizer_switch(saved_counters: dict, optim_cfg, access: "ParamAccess") -> bool:
-    """Refuse a checkpoint of another optimizer unless ``optim.allow_switch``; then every parameter's
-    optimizer state starts fresh (values and CMS accumulators kept). True when it switched."""
+def level_optimizers(optim_cfg, cms_levels) -> Dict[str, str]:
+    """``{level index: optimizer}`` of the CMS step levels whose optimizer differs from ``optim.name``."""
+    return {str(i): lvl.optimizer for i, lvl in enumerate(cms_levels)
+            if lvl.kind == "step" and lvl.optimizer and lvl.optimizer != optim_cfg.name}
+
+
+def _describe_levels(levels: Dict[str, str]) -> str:
+    return ", ".join(f"model.cms[{i}].optimizer={n}" for i, n in sorted(levels.items())) or "no level optimizers"
+
+
+def check_optimizer_switch(saved_counters: dict, optim_cfg, access: "ParamAccess", cms_levels=()) -> bool:
+    """Refuse a checkpoint of another optimizer (the run's ``optim.name`` or a CMS step level's own
+    ``optimizer``) unless ``optim.allow_switch``; then every parameter's optimizer state starts fresh
+    (values and CMS accumulators kept). True when it switched."""
     saved = saved_counters.get("optimizer", "adamw")        # checkpoints before issue 14: AdamW
-    if saved == optim_cfg.name:
+    saved_levels = saved_counters.get("level_optimizers", {})
+    levels = level_optimizers(optim_cfg, cms_levels)
+    if saved == optim_cfg.name and saved_levels == levels:
         return False
     if not optim_cfg.allow_switch:
-        raise ValueError(f"the checkpoint was trained with optim.name={saved}, this run asks for "
-                         f"optim.name={optim_cfg.name}: resume with --optim.name={saved}, or pass "
-                         f"--optim.allow_switch=true to continue the weights with fresh {optim_cfg.name} state")
+        if saved != optim_cfg.name:
+            raise ValueError(f"the checkpoint was trained with optim.name={saved}, this run asks for "
+                             f"optim.name={optim_cfg.name}: resume with --optim.name={saved}, or pass "
+                             f"--optim.allow_switch=true to continue the weights with fresh {optim_cfg.name} state")
+        raise ValueError(f"the checkpoint's CMS step levels were trained with {_describe_levels(saved_levels)}, "
+                         f"this run asks for {_describe_levels(levels)}: resume with the checkpoint's level "
+                         f"optimizers, or pass --optim.allow_switch=true to continue the weights with fresh "
+                         f"optimizer state")
     for n, p in sorted(access.named, key=lambda np_: np_[0]):     # the same order on every rank
         rec = access.read(n, p)
         access.write(n, p, {k: v for k, v in rec.items() if k in ("value", "acc")})
     import torch.distributed as dist
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"resume: optimizer switched from {saved} (checkpoint) to {optim_cfg.name}: weights kept, "
+        old = saved + ("" if not saved_levels else f" ({_describe_levels(saved_levels)})")
+        new = optim_cfg.name + ("" if not levels else f" ({_describe_levels(levels)})")
+        print(f"resume: optimizer switched from {old} (checkpoint) to {new}: weights kept, "
               f"optimizer moments and step counts start fresh", flush=True)
     return True
 
@@ -204,10 +224,11 @@ class LocalAccess(ParamAccess):
 
     def counters(self):
         return {"adam_steps": optimizer_steps(self.opt.base), "optimizer": self.opt.cfg.name,
+                "level_optimizers": level_optimizers(self.opt.cfg, self.opt.cms_levels),
                 "slow_updates": {i: optimizer_steps(lv["opt"]) for i, lv in self.opt.slow.items()}}
 
     def set_counters(self, c):
-        if check_optimizer_switch(c, self.opt.cfg, self):
+        if check_optimizer_switch(c, self.opt.cfg, self, self.opt.cms_levels):
             c = {"adam_steps": 0, "slow_updates": {}}
         set_optimizer_steps(self.opt.base, c["adam_steps"])
         for i, lv in self.opt.slow.items():
@@ -282,7 +303,14 @@ class Assembler:
 
 
 def model_config_diff(saved: dict, current) -> List[str]:
-    now = asdict(current)
+    """What differs between the checkpoint's model config and this run's. A CMS level's ``optimizer``
+    is optimizer state, not the model: :func:`check_optimizer_switch` decides about it."""
+    def model_only(tree):
+        tree = dict(tree)
+        if isinstance(tree.get("cms"), list):
+            tree["cms"] = [{k: v for k, v in lvl.items() if k != "optimizer"} for lvl in tree["cms"]]
+        return tree
+    saved, now = model_only(saved), model_only(asdict(current))
     keys = sorted(set(saved) | set(now))
     return [f"model.{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in keys
             if saved.get(k) != now.get(k)]

@@ -74,11 +74,24 @@ def _tp_dim(p):
     return getattr(p, "partition_dim", None) if getattr(p, "tensor_model_parallel", False) else None
 
 
-def optimizer_groups(named: List[tuple], cfg, lr_scale: float = 1.0) -> List[dict]:
-    """Parameter groups of ``optim.name`` for one learning-rate scale."""
-    if cfg.name == "adamw":
-        return _param_groups(named, cfg.weight_decay, lr_scale)
-    mats = [(n, p) for n, p in named if param_role(n, p, cfg.name) == "matrix"]
+def level_rule(cms_levels, index: int, optim_cfg) -> str:
+    """The optimizer of CMS level ``index``: its own ``optimizer`` or the run's ``optim.name``."""
+    return getattr(cms_levels[index], "optimizer", "") or optim_cfg.name
+
+
+def uses_nl_optimizer(optim_cfg, cms_levels=()) -> bool:
+    """Whether any parameter gets a matrix rule (then the optimizers are :class:`NLOptimizer`)."""
+    names = {optim_cfg.name} | {level_rule(cms_levels, i, optim_cfg) for i, lvl in enumerate(cms_levels)
+                                if lvl.kind == "step"}
+    return names != {"adamw"}
+
+
+def optimizer_groups(named: List[tuple], cfg, lr_scale: float = 1.0, rule: str = "") -> List[dict]:
+    """Parameter groups of optimizer ``rule`` (default ``optim.name``) for one learning-rate scale."""
+    rule = rule or cfg.name
+    if rule == "adamw":
+        return [dict(g, rule="adamw") for g in _param_groups(named, cfg.weight_decay, lr_scale)]
+    mats = [(n, p) for n, p in named if param_role(n, p, rule) == "matrix"]
     ids = {id(p) for _, p in mats}
     groups = [dict(g, rule="adamw") for g in _param_groups([(n, p) for n, p in named if id(p) not in ids],
                                                            cfg.weight_decay, lr_scale)]
@@ -88,17 +101,44 @@ def optimizer_groups(named: List[tuple], cfg, lr_scale: float = 1.0) -> List[dic
         if dim is not None:
             from nl_pretrain.parallel.tensor import tensor_parallel_size
             full[dim] *= tensor_parallel_size()
-        groups.append({"params": [p], "rule": cfg.name, "weight_decay": cfg.weight_decay, "lr_scale": lr_scale,
+        groups.append({"params": [p], "rule": rule, "weight_decay": cfg.weight_decay, "lr_scale": lr_scale,
                        "nl_name": n, "nl_shape": tuple(p.shape), "nl_full_shape": tuple(full), "nl_tp_dim": dim})
     return groups
 
 
-def build_optimizer(groups: List[dict], cfg) -> torch.optim.Optimizer:
-    """The optimizer ``cfg.name`` names over ``groups`` (from :func:`optimizer_groups`)."""
-    if cfg.name == "adamw":
+def step_level_of(model: nn.Module) -> Dict[int, int]:
+    """``id(parameter) -> CMS level index`` for the parameters of every registered :class:`StepLevel`."""
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, StepLevel):
+            index = int(name.rsplit(".", 1)[-1])                # blocks.<b>.levels.<i>
+            out.update({id(p): index for p in mod.parameters()})
+    return out
+
+
+def every_step_groups(named: List[tuple], level_of: Dict[int, int], cfg, cms_levels) -> List[dict]:
+    """Groups of the every-step parameters: ``optim.name`` for the model, and groups of their own for
+    each period-1 step level with an ``lr_scale`` or an ``optimizer`` of its own (one process and the
+    engine alike)."""
+    def own(i):
+        return cms_levels[i].lr_scale != 1.0 or level_rule(cms_levels, i, cfg) != cfg.name
+    special = {id(p): level_of[id(p)] for _, p in named if id(p) in level_of and own(level_of[id(p)])}
+    groups = optimizer_groups([(n, p) for n, p in named if id(p) not in special], cfg)
+    for i in sorted(set(special.values())):
+        mine = [(n, p) for n, p in named if special.get(id(p)) == i]
+        groups += optimizer_groups(mine, cfg, cms_levels[i].lr_scale, level_rule(cms_levels, i, cfg))
+    return groups
+
+
+def build_optimizer(groups: List[dict], cfg, dp_group=None) -> torch.optim.Optimizer:
+    """``torch.optim.AdamW`` when every group is AdamW's, else :class:`~nl_pretrain.optim.rules.NLOptimizer`
+    (each group its own rule). ``dp_group``: the engine hands the optimizer flat data-parallel partitions
+    (ZeRO 1/2/3, bf16); each matrix's state then lives on one data-parallel rank only (``rules.py``,
+    "Partitioned state")."""
+    if all(g.get("rule", "adamw") == "adamw" for g in groups):
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     from nl_pretrain.optim.rules import NLOptimizer
-    return NLOptimizer(groups, cfg)
+    return NLOptimizer(groups, cfg, dp_group)
 
 
 def clip_coefficient(norm: float, limit: float) -> float:
@@ -123,7 +163,8 @@ class SlowLevels:
         self.updates: Dict[int, int] = {}
         for i, named in sorted(named_by_level.items()):
             params = [p for _, p in named]
-            opt = build_optimizer(optimizer_groups(named, optim_cfg, cms_levels[i].lr_scale), optim_cfg)
+            opt = build_optimizer(optimizer_groups(named, optim_cfg, cms_levels[i].lr_scale,
+                                                   level_rule(cms_levels, i, optim_cfg)), optim_cfg)
             self.levels[i] = {"named": named, "params": params, "acc": [torch.zeros_like(p) for p in params],
                               "opt": opt}
             self.updates[i] = 0
@@ -172,25 +213,15 @@ class ModelOptimizer:
     """One process: the ``optim.name`` optimizer for every-step parameters and :class:`SlowLevels`."""
 
     def __init__(self, model: nn.Module, optim_cfg, cms_levels):
-        self.cfg = optim_cfg
+        self.cfg, self.cms_levels = optim_cfg, cms_levels
         slow_names: Dict[int, List[tuple]] = {}
-        scaled: List[tuple] = []
         for name, mod in model.named_modules():
-            if isinstance(mod, StepLevel):
+            if isinstance(mod, StepLevel) and mod.period > 1:
                 level_idx = int(name.rsplit(".", 1)[-1])       # blocks.<b>.levels.<i>
-                named = [(f"{name}.{n}", p) for n, p in mod.named_parameters()]
-                if mod.period > 1:
-                    slow_names.setdefault(level_idx, []).extend(named)
-                elif mod.lr_scale != 1.0:
-                    scaled.extend(named)
+                slow_names.setdefault(level_idx, []).extend((f"{name}.{n}", p) for n, p in mod.named_parameters())
         slow_ids = {id(p) for ps in slow_names.values() for _, p in ps}
-        scaled_ids = {id(p) for _, p in scaled}
-        base = [(n, p) for n, p in model.named_parameters() if id(p) not in slow_ids | scaled_ids]
-        groups = optimizer_groups(base, optim_cfg)
-        for lvl_idx in sorted({int(n.split(".levels.")[1].split(".")[0]) for n, _ in scaled}):
-            mine = [(n, p) for n, p in scaled if f".levels.{lvl_idx}." in n]
-            groups += optimizer_groups(mine, optim_cfg, cms_levels[lvl_idx].lr_scale)
-        self.base = build_optimizer(groups, optim_cfg)
+        base = [(n, p) for n, p in model.named_parameters() if id(p) not in slow_ids]
+        self.base = build_optimizer(every_step_groups(base, step_level_of(model), optim_cfg, cms_levels), optim_cfg)
         self.schedule = SlowLevels(slow_names, optim_cfg, cms_levels)
         self.slow = self.schedule.levels
         self.phases, self.periods = self.schedule.phases, self.schedule.periods
@@ -237,23 +268,30 @@ class ModelOptimizer:
 
 
 def role_summary(model_cfg, optim_cfg) -> List[str]:
-    """Lines for ``nl-pretrain info``: which tensors the optimizer's rule gets and which get AdamW."""
+    """Lines for ``nl-pretrain info``: which tensors each optimizer's rule gets and which get AdamW
+    (CMS step levels with an ``optimizer`` of their own listed by theirs)."""
     import re
     from nl_pretrain.model import LanguageModel
     with torch.device("meta"):
         model = LanguageModel(model_cfg)
-    by_role: Dict[str, Dict[str, list]] = {"matrix": {}, "adamw": {}}
+    level_of = step_level_of(model)
+    by_role: Dict[str, Dict[str, list]] = {}
     for name, p in model.named_parameters():
+        rule = level_rule(model_cfg.cms, level_of[id(p)], optim_cfg) if id(p) in level_of else optim_cfg.name
+        role = rule if param_role(name, p, rule) == "matrix" else "adamw"
         kind = re.sub(r"\.\d+(?=\.|$)", ".*", name)
-        entry = by_role[param_role(name, p, optim_cfg.name)].setdefault(kind, [0, 0])
+        if id(p) in level_of:
+            kind = re.sub(r"levels\.\*", f"levels.{level_of[id(p)]}", kind)
+        entry = by_role.setdefault(role, {}).setdefault(kind, [0, 0])
         entry[0] += 1
         entry[1] += p.numel()
     rule = optim_cfg.name
     out = [f"optimizer {rule}" + ("" if rule == "adamw" else ": its rule on 2-D weight matrices, AdamW on the rest")]
-    for role, title in (("matrix", rule), ("adamw", "adamw")):
+    for i, lvl in enumerate(model_cfg.cms):
+        if lvl.kind == "step" and level_rule(model_cfg.cms, i, optim_cfg) != rule:
+            out.append(f"  CMS level {i} (step, period {lvl.period}): optimizer {lvl.optimizer}, lr x {lvl.lr_scale:g}")
+    for role in sorted(by_role, key=lambda r: (r == "adamw", r != rule, r)):
         kinds = by_role[role]
-        if not kinds:
-            continue
-        out.append(f"  {title}: {sum(v[1] for v in kinds.values()):,} parameters in {sum(v[0] for v in kinds.values())} tensors")
+        out.append(f"  {role}: {sum(v[1] for v in kinds.values()):,} parameters in {sum(v[0] for v in kinds.values())} tensors")
         out += [f"    {k} (x{v[0]})" for k, v in sorted(kinds.items())]
     return out

@@ -4,11 +4,19 @@
 Every group has a ``rule``: ``adamw`` (elementwise; any tensor, also a ZeRO flat partition) or one of
 the matrix rules, whose group holds exactly one 2-D weight matrix and describes it (``nl_name``,
 ``nl_shape`` = this rank's tensor-parallel shard, ``nl_full_shape`` = the whole matrix, ``nl_tp_dim``
-= the dimension it is split along or None). A matrix rule works on the whole matrix: it gathers the
-tensor-parallel shards of whatever it orthogonalises or multiplies (:class:`Shards`) and, when
-DeepSpeed ZeRO 1/2 hands it a flat partition of the parameter, first gathers the gradient's
-data-parallel partitions, then updates only its own partition. Its state is shaped like this rank's
-shard (DMGD's memory like the whole matrix) and is not partitioned over data parallelism.
+= the dimension it is split along or None). Groups of different rules may be mixed (a CMS step level
+with its own optimizer). A matrix rule works on the whole matrix: it gathers the tensor-parallel
+shards of whatever it orthogonalises or multiplies (:class:`Shards`).
+
+*Partitioned state* (``dp_group`` given: the DeepSpeed engine hands the optimizer flat data-parallel
+partitions of fp32 master weights, under ZeRO 1/2/3, fp32 or bf16). Each matrix has one owner among the data-parallel
+ranks (greedy by size, the same on every rank): the ranks send their gradient partitions to the
+owner (``gather``), the owner rebuilds the (tensor shard of the) matrix, runs the rule with the only
+copy of its state and sends every rank its partition of the update (``scatter``); every rank applies
+its partition to its fp32 master partition. A rank thus keeps the state of the matrices it owns
+only (about 1/DP of it) and computes 1/DP of the Newton-Schulz work. Without ``dp_group`` (one
+process, ZeRO 0 (fp32, or bf16 with DeepSpeed's whole fp32 master copies), the slow CMS levels)
+every rank keeps all state.
 
 Newton-Schulz uses the widely published quintic coefficients (3.4445, -4.7750, 2.0315) of Keller
 Jordan's Muon; ``scale="rms"`` is Moonlight's ``0.2 * sqrt(max(m, n))`` (update RMS ~ AdamW's, so the
@@ -116,26 +124,51 @@ def dmgd_read(w1, w2, keys):
 
 class NLOptimizer(torch.optim.Optimizer):
     """AdamW groups and matrix-rule groups (see the module docstring); ``cfg`` is the run's ``optim``
-    section (its ``muon``/``m3``/``delta_momentum``/``dmgd`` subsections)."""
+    section (its ``muon``/``m3``/``delta_momentum``/``dmgd`` subsections); ``dp_group``: partition the
+    matrices' state over this data-parallel group (the engine's flat partitions)."""
 
-    def __init__(self, groups: List[dict], cfg):
+    def __init__(self, groups: List[dict], cfg, dp_group=None):
         self.cfg = cfg
         super().__init__(groups, dict(lr=cfg.lr, weight_decay=0.0, lr_scale=1.0, rule="adamw"))
         self.inner_losses: Dict[str, List[float]] = {}      # DMGD: internal loss per matrix, per step
+        self.keys: Dict[str, torch.Tensor] = {}             # nl_name -> the tensor its state is keyed by
+        self.dp_group, self.dp_world, self.dp_rank = dp_group, 1, 0
+        if dp_group is not None:
+            import torch.distributed as dist
+            self.dp_world, self.dp_rank = dist.get_world_size(dp_group), dist.get_rank(dp_group)
+            load = [0] * self.dp_world
+            mats = [g for g in self.param_groups if g["rule"] != "adamw"]
+            for g in sorted(mats, key=lambda g: -math.prod(g["nl_shape"])):    # stable: ties keep group order
+                owner = min(range(self.dp_world), key=lambda r: load[r])
+                g["nl_owner"] = owner
+                load[owner] += math.prod(g["nl_shape"])
 
     # ---------------------------------------------------------------------------------- state
     def state_keys(self, group) -> tuple:
         return STATE_KEYS[group["rule"]]
 
+    def owns(self, group) -> bool:
+        """Whether this rank keeps (and computes) the state of a matrix group."""
+        return group.get("nl_owner") is None or group["nl_owner"] == self.dp_rank
+
+    def state_shapes(self, group) -> Dict[str, tuple]:
+        if group["rule"] == "dmgd":
+            out, n = group["nl_full_shape"]
+            h = max(1, min(self.cfg.dmgd.hidden, out, n))
+            return {"rep:w1": (h, n), "rep:w2": (n, h)}
+        return {k: tuple(group["nl_shape"]) for k in STATE_KEYS[group["rule"]]}
+
     def fresh_state(self, group, p) -> dict:
         rule = group["rule"]
-        shape = group.get("nl_shape", tuple(p.shape)) if rule != "adamw" else tuple(p.shape)
         st = {"step": torch.tensor(0.0)}
+        if rule != "adamw" and not self.owns(group):
+            return st                                    # another data-parallel rank keeps it
         if rule == "dmgd":
             out, n = group["nl_full_shape"]
             w1, w2 = dmgd_init(group["nl_name"], out, n, self.cfg.dmgd.hidden, p.dtype, p.device, self.cfg.dmgd.seed)
             st["rep:w1"], st["rep:w2"] = w1, w2
             return st
+        shape = group.get("nl_shape", tuple(p.shape)) if rule != "adamw" else tuple(p.shape)
         for k in STATE_KEYS[rule]:
             st[k] = torch.zeros(shape, dtype=p.dtype, device=p.device)
         return st
@@ -143,8 +176,52 @@ class NLOptimizer(torch.optim.Optimizer):
     def init_state(self) -> None:
         for group in self.param_groups:
             for p in group["params"]:
+                if group["rule"] != "adamw":
+                    self.keys[group["nl_name"]] = p
                 if not self.state.get(p):
                     self.state[p] = self.fresh_state(group, p)
+
+    def bind(self, name: str, key: torch.Tensor) -> None:
+        """The tensor a matrix group's state is keyed by, where the group's ``params`` are not always
+        set (ZeRO-3 sets them only around each sub-group's step)."""
+        self.keys[name] = key
+
+    def _state_of(self, group) -> tuple:
+        key = group["params"][0] if group["params"] else self.keys.get(group["nl_name"])
+        if key is None:
+            raise RuntimeError(f"{group['nl_name']}: the optimizer has not seen this matrix's partition yet")
+        if not self.state.get(key):
+            self.state[key] = self.fresh_state(group, key)
+        return key, self.state[key]
+
+    def read_matrix(self, group) -> Dict[str, torch.Tensor]:
+        """A matrix group's state as fp32 CPU tensors on every data-parallel rank (collective when the
+        state is partitioned: the owner broadcasts it)."""
+        key, st = self._state_of(group)
+        out = {}
+        for k, shape in self.state_shapes(group).items():
+            t = st[k].detach().float() if self.owns(group) else torch.empty(shape, dtype=torch.float32, device=key.device)
+            if group.get("nl_owner") is not None and self.dp_world > 1:
+                import torch.distributed as dist
+                t = t.contiguous()
+                dist.broadcast(t, src=dist.get_global_rank(self.dp_group, group["nl_owner"]), group=self.dp_group)
+            out[k] = t.cpu().clone()
+        return out
+
+    def write_matrix(self, group, rec: Dict[str, torch.Tensor]) -> None:
+        """A matrix group's state from a record (every rank gets the whole record; the owner keeps it);
+        a key the record lacks (a checkpoint of another optimizer) starts fresh."""
+        key, st = self._state_of(group)
+        if not self.owns(group):
+            return
+        fresh = self.fresh_state(group, key)
+        for k in self.state_keys(group):
+            st[k] = (rec[k] if k in rec else fresh[k]).to(device=key.device, dtype=key.dtype).clone()
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state this rank keeps (every tensor but the step counters)."""
+        return sum(t.numel() * t.element_size() for st in self.state.values() for k, t in st.items()
+                   if k != "step" and torch.is_tensor(t))
 
     # ---------------------------------------------------------------------------------- step
     @torch.no_grad()
@@ -174,8 +251,11 @@ class NLOptimizer(torch.optim.Optimizer):
         p.addcdiv_(st["exp_avg"], denom, value=-lr / (1 - c.beta1 ** t))
 
     def _matrix(self, group, p, st) -> None:
+        self.keys[group["nl_name"]] = p
+        if group.get("nl_owner") is not None:
+            return self._matrix_owned(group, p, st)
         shape = tuple(group["nl_shape"])
-        flat = tuple(p.shape) != shape                    # a ZeRO 1/2 flat partition of the parameter
+        flat = tuple(p.shape) != shape                    # a ZeRO flat partition of the parameter
         g = _dp_gather(p.grad, shape) if flat else p.grad
         shards = Shards(group.get("nl_tp_dim"))
         u = getattr(self, "_" + group["rule"])(group, st, g, shards)
@@ -184,6 +264,35 @@ class NLOptimizer(torch.optim.Optimizer):
             u = _own_partition(u, p.numel())
         p.mul_(1 - lr * group["weight_decay"])
         p.add_(u.to(p.dtype), alpha=-lr)
+
+    def _matrix_owned(self, group, p, st) -> None:
+        """Partitioned state: gather the gradient partitions on the owner, which runs the rule and
+        scatters the update's partitions (module docstring)."""
+        import torch.distributed as dist
+        shape, part, owner = tuple(group["nl_shape"]), p.numel(), group["nl_owner"]
+        mine = owner == self.dp_rank
+        grad = p.grad.contiguous()
+        src = dist.get_global_rank(self.dp_group, owner) if self.dp_world > 1 else None
+        parts = [torch.empty_like(grad) for _ in range(self.dp_world)] if mine else None
+        if self.dp_world > 1:
+            dist.gather(grad, parts, dst=src, group=self.dp_group)
+        else:
+            parts = [grad]
+        pieces = None
+        if mine:
+            g = torch.cat(parts)[:math.prod(shape)].view(shape)
+            u = getattr(self, "_" + group["rule"])(group, st, g, Shards(group.get("nl_tp_dim")))
+            flat = u.reshape(-1).to(p.dtype)
+            flat = torch.cat([flat, flat.new_zeros(part * self.dp_world - flat.numel())])
+            pieces = list(flat.split(part))
+        if self.dp_world > 1:
+            piece = torch.empty_like(grad)
+            dist.scatter(piece, pieces, src=src, group=self.dp_group)
+        else:
+            piece = pieces[0]
+        lr = group["lr"]
+        p.mul_(1 - lr * group["weight_decay"])
+        p.add_(piece, alpha=-lr)
 
     def _orth(self, m_local, shards, steps, scale) -> torch.Tensor:
         full = shards.gather(m_local)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from nl_pretrain.checkpoint.state import (MOMENTS, ParamAccess, check_optimizer_switch, optimizer_steps,
-                                          read_plain, scalar_step, set_optimizer_steps, write_plain)
+from nl_pretrain.checkpoint.state import (MOMENTS, ParamAccess, check_optimizer_switch, level_optimizers,
+                                          optimizer_steps, read_plain, scalar_step, set_optimizer_steps,
+                                          write_plain)
 
 
 def inner_torch_optimizer(opt):
@@ -20,12 +21,15 @@ def inner_torch_optimizer(opt):
     return opt
 
 
-def ensure_adam_state(opt: torch.optim.Optimizer) -> None:
+def ensure_adam_state(opt: torch.optim.Optimizer, wrapper=None) -> None:
     """Create AdamW's state for parameters that have none yet (before the first step), equivalent to
-    a fresh optimizer: zero moments, step 0 (the matrix rules: their own fresh state)."""
+    a fresh optimizer: zero moments, step 0 (the matrix rules: their own fresh state). ZeRO-3
+    (``wrapper``) puts its flat fp32 partitions into ``opt``'s groups only inside its step: their
+    state is created here too, so a checkpoint loads into ZeRO-3 before the first step."""
     if hasattr(opt, "init_state"):
         return opt.init_state()
-    for group in opt.param_groups:
+    flat = getattr(wrapper, "fp32_partitioned_groups_flat", None) or []
+    for group in opt.param_groups + [{"params": flat}]:
         for p in group["params"]:
             if not opt.state.get(p):
                 opt.state[p] = {"step": scalar_step(0), "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
@@ -40,7 +44,7 @@ class EngineAccess(ParamAccess):
         self.trainer = trainer
         self.named = trainer.named_parameters()
         self.inner = inner_torch_optimizer(trainer.engine.optimizer)
-        ensure_adam_state(self.inner)
+        ensure_adam_state(self.inner, trainer.engine.optimizer)
         wrapper = trainer.engine.optimizer
         if hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):          # ZeRO 1/2: link moments
             wrapper._hp_optimizer_states_linked = False
@@ -56,8 +60,15 @@ class EngineAccess(ParamAccess):
                 self.slow[id(p)] = (lv["opt"], a)
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         # matrix-rule groups (one matrix each) whose parameter ZeRO replaced by a flat partition: their
-        # state is shaped like the whole (tensor shard of the) matrix, read and written directly
+        # state is shaped like the whole (tensor shard of the) matrix, kept by one DP rank (optim/rules.py)
         self.matrix = {g["nl_name"]: g for g in self.inner.param_groups if g.get("rule", "adamw") != "adamw"}
+        if hasattr(wrapper, "fp32_partitioned_groups_flat"):    # ZeRO-3: groups hold params only in step()
+            for sub, gid in wrapper.sub_group_to_group_id.items():
+                g, flat = self.inner.param_groups[gid], wrapper.fp32_partitioned_groups_flat[sub]
+                if g.get("rule", "adamw") != "adamw":
+                    self.inner.bind(g["nl_name"], flat)
+                elif hasattr(self.inner, "fresh_state") and not self.inner.state.get(flat):
+                    self.inner.state[flat] = self.inner.fresh_state(g, flat)   # NLOptimizer's AdamW groups
 
     def owners(self):
         return [(n, p) for n, p in self.named
@@ -82,10 +93,8 @@ class EngineAccess(ParamAccess):
         if self._partitioned(p):
             from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
             rec = {"value": safe_get_full_fp32_param(p).detach().float().cpu().clone()}
-            if name in self.matrix:
-                g = self.matrix[name]
-                st = self.inner.state[g["params"][0]]
-                rec.update({k: st[k].detach().float().cpu().clone() for k in self.inner.state_keys(g)})
+            if name in self.matrix:                         # collective: the owner broadcasts
+                rec.update(self.inner.read_matrix(self.matrix[name]))
                 return rec
             for k in MOMENTS:
                 rec[k] = safe_get_full_optimizer_state(p, k).detach().float().cpu().clone()
@@ -103,13 +112,7 @@ class EngineAccess(ParamAccess):
             dev = self.trainer.device
             safe_set_full_fp32_param(p, rec["value"].to(dev))
             if name in self.matrix:
-                g = self.matrix[name]
-                flat = g["params"][0]
-                st = self.inner.state.get(flat) or self.inner.fresh_state(g, flat)
-                fresh = self.inner.fresh_state(g, flat)
-                for k in self.inner.state_keys(g):
-                    st[k] = (rec[k] if k in rec else fresh[k]).to(device=flat.device, dtype=flat.dtype).clone()
-                self.inner.state[flat] = st
+                self.inner.write_matrix(self.matrix[name], rec)
             else:
                 for k in MOMENTS:
                     safe_set_full_optimizer_state(p, (rec[k] if k in rec else torch.zeros_like(rec["value"])).to(dev), k)
@@ -139,11 +142,13 @@ class EngineAccess(ParamAccess):
                 self.slow[id(p)][1].copy_(state["slow_acc"][n])
 
     def counters(self):
-        return {"adam_steps": optimizer_steps(self.inner), "optimizer": self.trainer.cfg.optim.name,
+        cfg = self.trainer.cfg
+        return {"adam_steps": optimizer_steps(self.inner), "optimizer": cfg.optim.name,
+                "level_optimizers": level_optimizers(cfg.optim, cfg.model.cms),
                 "slow_updates": {i: optimizer_steps(lv["opt"]) for i, lv in self.trainer.slow.levels.items()}}
 
     def set_counters(self, c):
-        if check_optimizer_switch(c, self.trainer.cfg.optim, self):
+        if check_optimizer_switch(c, self.trainer.cfg.optim, self, self.trainer.cfg.model.cms):
             c = {"adam_steps": 0, "slow_updates": {}}
         set_optimizer_steps(self.inner, c["adam_steps"])
         for i, lv in self.trainer.slow.levels.items():

@@ -149,11 +149,11 @@ def parallelize(model: nn.Module, cfg, layout: Layout, device: torch.device) -> 
         if layout.zero_stage == 3:
             _zero3_external_parameters(module)
     named = [(names[id(p)], p) for p in module.parameters()]
-    # ZeRO 1/2/3 and the bf16 engine hand the optimizer flat data-parallel partitions: the matrix rules
-    # then keep each matrix's state on one data-parallel rank (optim/rules.py, "Partitioned state")
-    flat = layout.zero_stage >= 1 or bf16
+    # ZeRO 1/2/3 (fp32 or bf16) hand the optimizer flat data-parallel partitions: the matrix rules then
+    # keep each matrix's state on one data-parallel rank (optim/rules.py, "Partitioned state"); bf16
+    # without ZeRO gives it whole fp32 master copies (state replicated, as AdamW's)
     opt = build_optimizer(_every_step_groups(model, named, cfg), cfg.optim,
-                          dp_group=ps.get_data_parallel_group() if flat else None)
+                          dp_group=ps.get_data_parallel_group() if layout.zero_stage >= 1 else None)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=deepspeed_config(cfg, layout),
                                            mpu=mpu, model_parameters=[p for _, p in named])
     return Parallelized(engine, slow, names, named, block_ids)

@@ -60,7 +60,8 @@ def local_parameters(trainer) -> dict:
     return {n: p.detach().clone() for n, p in named}
 
 
-def distributed_run(tree):
+def distributed_run(tree, probe=None):
+    """Train ``tree`` on this rank; ``probe(trainer)`` (optional) adds what it returns as ``probe``."""
     from megatron.core import parallel_state as ps
     from nl_pretrain.parallel.trainer import DistributedTrainer, rank_batches
     cfg = build_config(tree)
@@ -73,7 +74,7 @@ def distributed_run(tree):
     return {"losses": losses, "params": local_parameters(trainer), "tp_rank": ps.get_tensor_model_parallel_rank(),
             "dtypes": dtypes,
             "dp_rank": trainer.dp_rank, "pp_rank": ps.get_pipeline_model_parallel_rank(),
-            "slow_comm": list(trainer.slow.comm_log)}
+            "slow_comm": list(trainer.slow.comm_log), "probe": probe(trainer) if probe else None}
 
 
 def assemble(results, reference_params) -> dict:

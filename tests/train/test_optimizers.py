@@ -257,14 +257,79 @@ def test_config_errors(override, message):
     assert str(e.value) == message
 
 
-def test_distributed_layouts_the_matrix_rules_refuse():
-    from nl_pretrain.parallel.parallelize import check_optimizer_layout
-    from nl_pretrain.parallel.topology import Layout
-    cfg = build_config({"optim": {"name": "muon"}, "parallel": {"zero_stage": 3}})
-    layout = Layout.__new__(Layout)
-    object.__setattr__(layout, "zero_stage", 3)
+@pytest.mark.parametrize("level, message", [
+    ({"kind": "step", "optimizer": "sgd"},
+     "model.cms[0].optimizer='sgd' is not one of ['', 'adamw', 'muon', 'm3', 'delta_momentum', 'dmgd']"),
+    ({"kind": "context", "period": 4, "optimizer": "muon"},
+     "model.cms[0].optimizer='muon' applies to step levels only (a context level's weights are fast weights "
+     "updated by its inner rule); remove it"),
+])
+def test_level_optimizer_config_errors(level, message):
     with pytest.raises(ConfigError) as e:
-        check_optimizer_layout(cfg, layout)
-    assert str(e.value) == ("optim.name=muon does not run under parallel.zero_stage=3 yet (ZeRO-3 partitions "
-                            "the weights themselves); use parallel.zero_stage 0, 1 or 2")
-    assert OptimConfig().name == "adamw"
+        build_config({"model": {"cms": [level]}})
+    assert str(e.value) == message
+    assert OptimConfig().name == "adamw" and build_config({}).model.cms[0].optimizer == ""
+
+
+# --------------------------------------------------------------------- CMS levels with their own rule
+def level_rules_model():
+    """Transformer++-tiny-like, float64: AdamW for the run, CMS level 0 (every step, lr x 0.5) with
+    Muon, level 1 (period 2, phase 0: updates after steps 1 and 3) with delta momentum."""
+    cfg = build_config({"model": {"preset": "transformer-tiny", "d_model": 16, "n_heads": 2, "n_layers": 1,
+                                  "vocab_size": 32, "max_seq_len": 8,
+                                  "cms": [{"kind": "step", "period": 1, "expansion": 2.0, "optimizer": "muon",
+                                           "lr_scale": 0.5},
+                                          {"kind": "step", "period": 2, "expansion": 2.0,
+                                           "optimizer": "delta_momentum"}]},
+                        "data": {"seq_len": 8},
+                        "optim": {"name": "adamw", "lr": 0.02, "warmup_steps": 0, "grad_clip": 0.0,
+                                  "weight_decay": 0.1, "muon": {"nesterov": False}}})
+    torch.manual_seed(0)
+    return cfg, LanguageModel(cfg.model).double()
+
+
+def test_cms_levels_with_their_own_optimizer_match_closed_forms():
+    from nl_pretrain.optim import lr_at
+    cfg, model = level_rules_model()
+    opt = ModelOptimizer(model, cfg.optim, cfg.model.cms)
+    fast, slow = (model.blocks[0].levels[i].mlp.w_up.weight for i in (0, 1))
+    attn = model.blocks[0].mixer.w_q.weight if hasattr(model.blocks[0].mixer, "w_q") else None
+    x_fast, x_slow = fast.detach().clone(), slow.detach().clone()
+    gen = torch.Generator().manual_seed(3)
+    fast_grads, slow_grads, lrs = [], [], []
+    for step in range(4):
+        ids = torch.randint(0, 32, (2, 8), generator=gen)
+        model.loss(ids, ids.roll(-1, 1)).backward()
+        fast_grads.append(fast.grad.clone())
+        slow_grads.append(slow.grad.clone())
+        lrs.append(lr_at(step, cfg.optim, cfg.train.steps))
+        opt.step(step, lrs[-1])
+        opt.zero_grad()
+    wd, c = cfg.optim.weight_decay, cfg.optim
+    buf = torch.zeros_like(x_fast)                        # Muon (no Nesterov) at lr x 0.5, every step
+    for g, lr in zip(fast_grads, lrs):
+        buf = c.muon.momentum * buf + (1 - c.muon.momentum) * g
+        x_fast = x_fast * (1 - 0.5 * lr * wd) - 0.5 * lr * 0.2 * math.sqrt(max(x_fast.shape)) * ns_closed_form(buf)
+    torch.testing.assert_close(fast.detach(), x_fast, rtol=1e-10, atol=1e-10)
+    m = torch.zeros_like(x_slow)                          # delta momentum on the sums of steps (0, 1), (2, 3)
+    eye = torch.eye(x_slow.shape[1], dtype=D)
+    for j in (1, 3):
+        g = slow_grads[j - 1] + slow_grads[j]
+        m = m @ (c.delta_momentum.alpha * eye - g.T @ g / (g * g).sum()) + g
+        x_slow = x_slow * (1 - lrs[j] * wd) - lrs[j] * 0.2 * math.sqrt(max(x_slow.shape)) * ns_closed_form(m)
+    torch.testing.assert_close(slow.detach(), x_slow, rtol=1e-10, atol=1e-10)
+    # every other matrix keeps the run's AdamW: its moments, not a rule's state
+    other = attn if attn is not None else model.blocks[0].mixer.w_o.weight
+    assert set(opt.base.state[other]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert set(opt.base.state[fast]) == {"step", "momentum"}
+    assert set(opt.slow[1]["opt"].state[slow]) == {"step", "momentum"}
+
+
+def test_info_lists_the_level_optimizers():
+    from nl_pretrain.optim.optimizer import role_summary
+    cfg, _ = level_rules_model()
+    lines = role_summary(cfg.model, cfg.optim)
+    assert lines[:3] == ["optimizer adamw", "  CMS level 0 (step, period 1): optimizer muon, lr x 0.5",
+                         "  CMS level 1 (step, period 2): optimizer delta_momentum, lr x 1"]
+    muon = lines.index(next(line for line in lines if line.startswith("  muon:")))
+    assert lines[muon + 1:muon + 4] == [f"    blocks.*.levels.0.mlp.{w}.weight (x1)" for w in ("w_down", "w_gate", "w_up")]

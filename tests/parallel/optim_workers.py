@@ -1,0 +1,33 @@
+"""Per-rank functions of the optimizer layout tests: the layouts of workers.distributed_run, plus what
+each rank keeps of the matrix rules' state (partitioned over data parallelism)."""
+from __future__ import annotations
+
+import math
+
+from workers import distributed_run
+
+
+def matrix_state(trainer) -> dict:
+    """Bytes of matrix-rule state this rank holds and the bytes all of it takes (from the groups' shapes),
+    summed over the engine's matrix groups."""
+    from nl_pretrain.parallel.access import inner_torch_optimizer
+    opt = inner_torch_optimizer(trainer.engine.optimizer)
+    held = total = 0
+    for g in opt.param_groups:
+        if g.get("rule", "adamw") == "adamw":
+            continue
+        _, st = opt._state_of(g)
+        held += sum(t.numel() * t.element_size() for k, t in st.items() if k != "step")
+        total += sum(math.prod(s) * 4 for s in opt.state_shapes(g).values())
+    return {"held": held, "total": total}
+
+
+def optim_runs(trees):
+    """``workers.distributed_run`` for each tree in turn, with this rank's matrix-state bytes."""
+    from megatron.core import parallel_state as ps
+    out = []
+    for tree in trees:
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        out.append(distributed_run(tree, probe=matrix_state))
+    return out
