@@ -59,6 +59,12 @@ def direct_logprob(model, prefix, target) -> float:
     return float(sum(lp[len(prefix) - 1 + j, t] for j, t in enumerate(target)))
 
 
+def direct_is_greedy(model, prefix, target) -> bool:
+    with torch.no_grad():
+        best = model(torch.tensor([prefix + target]))[0, len(prefix) - 1:-1].argmax(-1)
+    return best.tolist() == target
+
+
 def direct_greedy(model, tok, allowed, prompt, max_new=6, until="\n") -> str:
     ids, made = [tok.bos_id] + tok.encode(prompt), []
     with torch.no_grad():
@@ -94,6 +100,8 @@ def test_lm_eval_metrics_equal_the_direct_computation(checkpoint, reference, tmp
         lls = [direct_logprob(model, prefix, tok.encode(" " + c)) for c in doc["choices"]]
         got = [float(r[0]) for r in sample["filtered_resps"]]
         assert got == pytest.approx(lls, abs=1e-9, rel=1e-12)
+        greedy = [direct_is_greedy(model, prefix, tok.encode(" " + c)) for c in doc["choices"]]
+        assert [r[1] == "True" for r in sample["filtered_resps"]] == greedy
         acc.append(float(max(range(len(lls)), key=lambda i: lls[i]) == doc["answer"]))
         norm = [ll / len(" " + c) for ll, c in zip(lls, doc["choices"])]
         acc_norm.append(float(max(range(len(norm)), key=lambda i: norm[i]) == doc["answer"]))
@@ -134,3 +142,40 @@ def test_not_a_checkpoint_and_a_foreign_model_are_refused_before_lm_eval(tmp_pat
     assert error_line(capsys.readouterr().err) == (
         "error: nl-pretrain lm-eval always evaluates the nl-pretrain model; drop --model (model options go in "
         "--model_args key=value)")
+
+
+def test_attention_families_see_at_most_max_seq_len(tmp_path):
+    """Transformer++ with max_seq_len 16: a long context is cut from the left, a long document is
+    scored in lm-eval's rolling windows (window k predicts tokens [16k, 16k + 16) from the 16 inputs
+    ending just before its last one). Through the adapter's Python API, the reference full forward."""
+    from lm_eval.api.instance import Instance
+    from nl_pretrain.lm_eval_adapter import NLPretrainLM
+    run = tmp_path / "run"
+    args = [a for a in TINY if not a.startswith(("--model.preset", "--model.max_seq_len", "--data.seq_len"))]
+    assert cli.main(["train", *args, "--model.preset=transformer-tiny", "--model.max_seq_len=16",
+                     "--data.seq_len=16", f"--train.run_dir={run}"]) == 0
+    lm = NLPretrainLM(checkpoint=str(run / "checkpoints"), dtype="float64", batch_size=2)
+    model, tok, L = lm.session.model, lm.tok, 16
+
+    def logprobs(inp, n):             # log p of the last n tokens of inp[1:] given the prefix, one forward
+        with torch.no_grad():
+            lp = F.log_softmax(model(torch.tensor([inp[:-1]]))[0], -1)
+        return float(sum(lp[len(inp) - 1 - n + j, t] for j, t in enumerate(inp[-n:])))
+
+    text = DATA["rolling"][1]["text"]                     # 81 bytes: six windows
+    ids = tok.encode(text)
+    ext, want = [tok.bos_id] + ids, 0.0
+    for s in range(0, len(ids), L):
+        e = min(s + L, len(ids))
+        window = ext[max(0, e - L):e] + [ids[e - 1]]      # the inputs, then the last predicted token
+        want += logprobs(window, e - s)
+    (got,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    assert got == pytest.approx(want, abs=1e-9, rel=1e-12)
+
+    ctx, cont = DATA["gen"][2]["prompt"], " os"           # a 60-byte context, cut to the last 16 inputs
+    full = [tok.bos_id] + tok.encode(ctx + cont)
+    want = logprobs(full[-(L + 1):], 3)
+    reqs = [Instance("loglikelihood", {}, (ctx, cont), 0), Instance("loglikelihood", {}, ("import", " os"), 1)]
+    (got, _), (short, _) = lm.loglikelihood(reqs)
+    assert got == pytest.approx(want, abs=1e-9, rel=1e-12)
+    assert short == pytest.approx(logprobs([tok.bos_id] + tok.encode("import os"), 3), abs=1e-9, rel=1e-12)
