@@ -20,10 +20,8 @@ from nl_pretrain.parallel.topology import check_layout, stage_layers
 TP, PP = 8, 4
 
 
-def rank_counts(cfg, tp: int, pp: int) -> dict:
-    """``{pipeline stage: parameters one tensor rank of it materialises}``, on the meta device."""
-    with torch.device("meta"):
-        model = LanguageModel(cfg.model)
+def rank_counts(model, cfg, tp: int, pp: int) -> dict:
+    """``{pipeline stage: parameters one tensor rank of it materialises}`` of a meta-device model."""
     plan = shard_plan(model)
     out = {}
     for stage in range(pp):
@@ -67,7 +65,9 @@ def test_per_rank_parameters_under_tp8_pp4(preset):
                         "parallel": {"tensor": TP, "pipeline": PP}})
     check_layout(cfg, TP * PP * 2)                        # the layout is valid (64 GPUs: DP 2)
     assert not cfg.model.tie_embeddings
-    counts = rank_counts(cfg, TP, PP)
+    with torch.device("meta"):
+        model = LanguageModel(cfg.model)
+    counts = rank_counts(model, cfg, TP, PP)
     assert counts == closed_form(cfg.model, TP, PP)
     layout = check_layout(cfg, TP * PP)
     assert counts == stage_parameters(cfg, layout)
@@ -75,8 +75,7 @@ def test_per_rank_parameters_under_tp8_pp4(preset):
         from nl_pretrain.parallel import plan
         if hasattr(plan, "rank_parameters"):
             assert counts == plan.rank_parameters(cfg, layout)
-    with torch.device("meta"):
-        total = sum(p.numel() for p in LanguageModel(cfg.model).parameters())
+    total = sum(p.numel() for p in model.parameters())
     # the shards cover the model: TP ranks x stages (minus the replicated norms counted TP times)
     assert TP * sum(counts.values()) > total > sum(counts.values())
     # no stage holds more than 1/PP of the model by more than the embedding/head rows
@@ -84,9 +83,11 @@ def test_per_rank_parameters_under_tp8_pp4(preset):
 
 
 def test_one_7b_width_hope_layer_forward_backward_on_cpu():
-    """One block at d=4096, 32 heads (hope-7b), 64 tokens, float32: materialised from the meta model
-    alone (the embedding and head stay on the meta device), forward and backward finite."""
-    cfg = build_config({"model": {"preset": "hope-7b", "n_layers": 1}, "data": {"seq_len": 64}})
+    """One block at d=4096, 32 heads (hope-7b), 32 tokens in 4 memory chunks, float32: materialised
+    from the meta model alone (the embedding and head stay on the meta device), forward and backward
+    finite, every parameter reached by the gradient."""
+    cfg = build_config({"model": {"preset": "hope-7b", "n_layers": 1, "chunk_mem": 8, "chunk_proj": 8},
+                        "data": {"seq_len": 32}})
     with torch.device("meta"):
         model = LanguageModel(cfg.model, seed=0)
     materialize_held(model, ["blocks.0"], torch.device("cpu"))
@@ -94,7 +95,7 @@ def test_one_7b_width_hope_layer_forward_backward_on_cpu():
     assert model.embed.weight.is_meta and model.lm_head.weight.is_meta
     n = sum(p.numel() for p in block.parameters())
     assert n > 190e6, n                                           # a 7B-width block: ~205M parameters
-    x = torch.randn(1, 64, cfg.model.d_model, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 32, cfg.model.d_model, generator=torch.Generator().manual_seed(0))
     y = block(x)
     assert y.shape == x.shape and torch.isfinite(y).all()
     y.pow(2).mean().backward()
