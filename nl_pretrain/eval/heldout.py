@@ -4,8 +4,9 @@ Sequences come from a prepared dataset's validation split (``--dataset``) or fro
 text files tokenized with the run's tokenizer (``--text``: each file one document,
 ``[BOS] tokens [EOS]``, concatenated and cut into windows of ``seq_len + 1``). The loss is the
 training function's (packed documents restart the model). The position of a prediction is the
-number of tokens of its document the model has seen (from the later of the window start and the
-document start); positions are grouped into power-of-two buckets ``[0, 1), [1, 2), [2, 4), ...``.
+index of its input token in what the model has seen of the document (0 at the later of the window
+start and the document start; the prediction follows position + 1 tokens of context); positions are
+grouped into power-of-two buckets ``[0, 1), [1, 2), [2, 4), ...``.
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def batched(rows: Iterator[dict], batch_size: int) -> Iterator[dict]:
 
 
 def context_positions(doc_ids: torch.Tensor) -> torch.Tensor:
-    """``(B, T)``: tokens of its own document the model has seen before predicting the next one."""
+    """``(B, T)``: index of each token from the later of the row start and its document start."""
     B, T = doc_ids.shape
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
@@ -103,15 +104,16 @@ def heldout_loss(model, batches: Iterator[dict], seq_len: int, max_batches: int,
 
 
 def plot_positions(result: dict, path: str, title: str) -> None:
-    """Loss per position bucket (x: tokens of context, log scale) as a PNG."""
+    """Loss per position bucket (x: tokens of context seen, one point per power-of-two bucket) as a PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    pts = [(max(b["start"], 0.5), b["loss"]) for b in result["buckets"] if b["loss"] is not None]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("tokens of context (bucket start)")
+    pts = [(str(b["start"]) if b["end"] - b["start"] == 1 else f"{b['start']}-{b['end'] - 1}", b["loss"])
+           for b in result["buckets"] if b["loss"] is not None]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(range(len(pts)), [p[1] for p in pts], marker="o")
+    ax.set_xticks(range(len(pts)), [p[0] for p in pts], rotation=45, ha="right")
+    ax.set_xlabel("position in the context (tokens seen - 1)")
     ax.set_ylabel("held-out loss (nats)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
