@@ -1,4 +1,4 @@
-"""``nl-pretrain``: train, info, export, prepare-data, verify-data.
+"""``nl-pretrain``: train, info, export, plan, prepare-data, verify-data.
 
 A user-facing failure is one ``error:`` line on stderr and exit status 2."""
 from __future__ import annotations
@@ -56,7 +56,7 @@ def cmd_train(args) -> int:
     resolve_token_periods(cfg, max(1, (args.world_size or world) // (cfg.parallel.tensor * cfg.parallel.pipeline)))
     if args.dry_run:
         from nl_pretrain.parallel.dryrun import dry_run_report
-        print(dry_run_report(cfg, args.world_size or world, args.global_batch))
+        print(dry_run_report(cfg, args.world_size or world, args.global_batch, args.gpu_memory))
         return 0
     from nl_pretrain.train.preflight import RunFinished, preflight
     try:        # device, layout, data, resume: before any process group, model or file
@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="with --dry-run: processes to plan for (default: $WORLD_SIZE or 1)")
             s.add_argument("--global-batch", type=int, default=None,
                            help="with --dry-run: check this global batch (sequences) against the layout")
+            s.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB",
+                           help="with --dry-run: GPU memory per rank for the fits / does not fit verdict (default 80)")
             s.add_argument("--resume", default=None, metavar="auto|DIR",
                            help="continue from the newest complete checkpoint (auto) or from DIR "
                                 "(same as --train.resume=...)")
@@ -153,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     le.set_defaults(func=cmd_lm_eval)
     from nl_pretrain.infer import commands as infer_commands     # generate, eval (docs/INFERENCE.md)
     infer_commands.register(sub)
+    from nl_pretrain.parallel.plan import register as register_plan
+    register_plan(sub)                       # nl-pretrain plan: layouts that fit a cluster (parallel/plan.py)
     try:
         from data_pipeline import cli as data_cli
         data_cli.register(sub)
@@ -168,7 +172,7 @@ def main(argv=None) -> int:
     args.overrides = [r for r in rest]
     if getattr(args, "resume", None):
         args.overrides.append(f"--train.resume={args.resume}")
-    if rest and args.command not in ("train", "info", "lm-eval"):
+    if rest and args.command not in ("train", "info", "lm-eval", "plan"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     from nl_pretrain.checkpoint.store import CheckpointError
     from nl_pretrain.train.rundir import RunDirBusy

@@ -87,20 +87,103 @@ def _state_shapes(m, tp: int) -> set:
 
 
 def _probe_length(m, seq_len: int) -> int:
-    """A length whose saved bytes scale linearly to ``seq_len``: two alignments of every chunk size
-    (each chunk's work depends on its own tokens only), or ``seq_len`` if shorter."""
+    """The short length traced for ``seq_len`` (with twice it; :func:`_trace_block`): two alignments
+    of every chunk size (each chunk's work depends on its own tokens only), or ``seq_len`` itself."""
     import math
     sizes = [m.chunk_mem, m.chunk_proj] + [l.period for l in m.cms if l.kind == "context"]
     lcm = 1
     for s in sizes:
         lcm = lcm * s // math.gcd(lcm, s)
     probe = 2 * max(lcm, m.conv_kernel) if m.family not in ATTENTION_FAMILIES else 256
-    return seq_len if seq_len <= probe or seq_len % probe else probe
+    return seq_len if seq_len <= 2 * probe else probe
+
+
+class _SavesLikeTriton(torch.autograd.Function):
+    """Stands for a whole-sequence Triton kernel while tracing: outputs of the kernel's shapes, and
+    for the backward exactly what the kernel's autograd function saves (given as ``saved``)."""
+
+    @staticmethod
+    def forward(ctx, shapes, n_saved, *tensors):
+        ctx.save_for_backward(*tensors[:n_saved])
+        return tuple(torch.empty(s, dtype=torch.float32, device=tensors[0].device) for s in shapes)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, None) + (None,) * len(ctx.saved_tensors)
+
+
+def _chunk_states(state, n_chunks: int):
+    """The chunk-start states a Triton kernel keeps: ``n_chunks + 1`` copies of every state tensor."""
+    return [torch.empty(n_chunks + 1, *w.shape, dtype=torch.float32, device=w.device) for w in state]
+
+
+def _triton_memory_sequence(spec, state, mom, k, vhat, eta, alpha, beta, q, chunk, self_targets=False,
+                            impl="triton", resets=None, recompute=False):
+    """What ``triton_sequence`` / ``triton_mlp_sequence`` keep: chunk-start states and momenta plus the
+    per-token inputs (linear: ``w = eta vhat``, both gradient coefficients and log alpha)."""
+    N, T = k.shape[:2]
+    n = -(-T // chunk)
+    log_alpha = alpha.float().log()
+    if spec.kind == "linear":
+        per_token = [k, q, eta.float(), eta.float(), eta[..., None].float() * vhat.float(), log_alpha]
+    else:
+        per_token = [k, vhat, eta.float(), log_alpha, q]
+    saved = _chunk_states(state, n) + (_chunk_states(mom, n) if mom is not None else [])
+    saved += [t for t in per_token if t is not None] + ([beta] if beta is not None else [])
+    shapes = ([(N, T, vhat.shape[-1])] if q is not None else []) + [tuple(w.shape) for w in state]
+    shapes += [tuple(w.shape) for w in mom] if mom is not None else []
+    outs = _SavesLikeTriton.apply(tuple(shapes), len(saved), *saved, k)
+    reads, outs = (outs[0], outs[1:]) if q is not None else (None, outs)
+    return reads, tuple(outs[:len(state)]), (tuple(outs[len(state):]) if mom is not None else None)
+
+
+def _triton_projection_sequence(spec, P, S, u, beta, eta_bias, alpha_bias, eta_max, chunk, update_eta_scale=1.0,
+                                impl="triton", resets=None, recompute=False):
+    """What ``triton_projection`` keeps: chunk-start stacked states (and momenta), ``u``, betas, biases."""
+    N, R, d = P.shape
+    T = u.shape[1]
+    n = -(-T // chunk)
+    saved = [torch.empty(N, n + 1, R, d, device=u.device)] * (2 if beta is not None else 1)
+    saved = [torch.empty(N, n + 1, R, d, device=u.device) for _ in saved] + [u, eta_bias.float(), alpha_bias.float()]
+    saved += [beta.float().t().contiguous()] if beta is not None else []
+    shapes = ((N, T, d), (N, T, d), (N, T), (N, T), (N, R, d), (N, R, d))
+    k, v, eta, alpha, Pn, Sn = _SavesLikeTriton.apply(shapes, len(saved), *saved, u)
+    return (k, v, eta, alpha), Pn, (Sn if beta is not None else None)
 
 
 @functools.lru_cache(maxsize=64)
-def _trace(model_json: str, tp: int, seq_len: int, bf16: bool, recompute_chunks: bool) -> Dict[str, float]:
-    """Bytes autograd saves for one sequence through one block (by kind) and through the head."""
+def _trace(model_json: str, tp: int, seq_len: int, bf16: bool, recompute_chunks: bool,
+           impl: str = "torch") -> Dict[str, float]:
+    """Bytes autograd saves for one sequence through one block (by kind) and through the head.
+    ``impl='triton'``: the memory operators are replaced by stand-ins that keep what the Triton
+    kernels keep (:class:`_SavesLikeTriton`); everything else is the model's own code."""
+    import contextlib
+    from unittest import mock
+    patches = contextlib.ExitStack()
+    if impl == "triton":
+        patches.enter_context(mock.patch("nl_pretrain.model.smt.memory_sequence", _triton_memory_sequence))
+        patches.enter_context(mock.patch("nl_pretrain.model.smt.projection_sequence", _triton_projection_sequence))
+        patches.enter_context(mock.patch("nl_pretrain.model.cms.memory_sequence", _triton_memory_sequence))
+    with patches:
+        return _trace_block(model_json, tp, seq_len, bf16, recompute_chunks)
+
+
+def _trace_block(model_json: str, tp: int, seq_len: int, bf16: bool, recompute_chunks: bool) -> Dict[str, float]:
+    """:func:`_trace_at` at ``seq_len``, or extended from two probe lengths ``p`` and ``2p`` as
+    ``A(T) = A(p) + (A(2p) - A(p)) (T - p) / p``: saved bytes are affine in T (per-token and per-chunk
+    terms, plus the one extra state a kernel keeps at the sequence end)."""
+    tree = json.loads(model_json)
+    from nl_pretrain.config import CMSLevel, ModelConfig
+    tree["cms"] = [CMSLevel(**lvl) for lvl in tree["cms"]]
+    p = _probe_length(ModelConfig(**tree), seq_len)
+    if p == seq_len:
+        return _trace_at(model_json, tp, seq_len, bf16, recompute_chunks)
+    a = _trace_at(model_json, tp, p, bf16, recompute_chunks)
+    b = _trace_at(model_json, tp, 2 * p, bf16, recompute_chunks)
+    return {k: a[k] + (b[k] - a[k]) * (seq_len - p) / p for k in a}
+
+
+def _trace_at(model_json: str, tp: int, T: int, bf16: bool, recompute_chunks: bool) -> Dict[str, float]:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from nl_pretrain.config import CMSLevel, ModelConfig
     from nl_pretrain.model import LanguageModel
@@ -110,8 +193,6 @@ def _trace(model_json: str, tp: int, seq_len: int, bf16: bool, recompute_chunks:
     if "recompute_chunks" in tree:
         tree["recompute_chunks"] = recompute_chunks
     m = ModelConfig(**tree)
-    T = _probe_length(m, seq_len)
-    scale = seq_len / T
     with torch.device("meta"):
         model = LanguageModel(m)
     if tp > 1:
@@ -119,6 +200,8 @@ def _trace(model_json: str, tp: int, seq_len: int, bf16: bool, recompute_chunks:
     shapes = _state_shapes(m, tp)
     chunks = {(c, c) for c in (m.chunk_mem, m.chunk_proj, *[l.period for l in m.cms if l.kind == "context"])}
     out = {"per_token": 0.0, "fast_weight_states": 0.0, "intra_chunk": 0.0, "head": 0.0, "logits": 0.0}
+    if bf16:                   # DeepSpeed bf16 holds bf16 weights: autocast then makes no weight copies
+        model = model.to(torch.bfloat16)
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = model.to_empty(device="cpu")
         params = {p.untyped_storage()._cdata for p in model.parameters()}
@@ -153,7 +236,7 @@ def _trace(model_json: str, tp: int, seq_len: int, bf16: bool, recompute_chunks:
             torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1))
         for kind, n in seen.values():
             out[kind] += n
-    return {k: v * scale for k, v in out.items()}
+    return out
 
 
 def _narrow_to_rank(model, tp: int) -> None:
@@ -192,25 +275,35 @@ class _FirstSlice(torch.nn.Module):
         return z[..., : z.shape[-1] // self.tp].contiguous()
 
 
-def activation_profile(model_cfg, tp: int, seq_len: int, bf16: bool = False) -> Dict[str, float]:
+def activation_profile(model_cfg, tp: int, seq_len: int, bf16: bool = False, impl: str = "torch") -> Dict[str, float]:
     """Bytes autograd keeps for ONE sequence of ``seq_len`` tokens on one tensor-parallel rank:
     ``per_token``, ``fast_weight_states`` (chunk-start states and momenta), ``intra_chunk`` (C x C
     decay / Gram / inverse matrices) of one block; ``head`` (final norm, head input) and ``logits``
     (the loss's fp32 log-probabilities) once. Traced with tp = 1 and tp = 2 and extended as
-    ``a + b / tp`` (every saved tensor is either replicated over TP or split by it)."""
+    ``a + b / tp`` (every saved tensor is either replicated over TP or split by it). ``impl``: the
+    memory path, ``torch`` (CPU) or ``triton`` (GPU: chunk-start states and inputs only)."""
     import dataclasses
     j = json.dumps(dataclasses.asdict(model_cfg), sort_keys=True)
     rec = bool(getattr(model_cfg, "recompute_chunks", False))
-    one = _trace(j, 1, seq_len, bf16, rec)
+    one = _trace(j, 1, seq_len, bf16, rec, impl)
     if tp == 1:
         return dict(one)
     if model_cfg.n_heads % 2 or model_cfg.vocab_size % 2:
-        return dict(_trace(j, tp, seq_len, bf16, rec))
-    two = _trace(j, 2, seq_len, bf16, rec)
+        return dict(_trace(j, tp, seq_len, bf16, rec, impl))
+    two = _trace(j, 2, seq_len, bf16, rec, impl)
     return {k: (2 * two[k] - one[k]) + 2 * (one[k] - two[k]) / tp for k in one}
 
 
-def estimate(cfg, layout: Layout, stage: int = 0, seq_len: int = 0, packing: float = 1.0) -> Dict[str, float]:
+def memory_path(cfg, device: str = "cuda") -> str:
+    """The memory implementation a run of ``cfg`` uses on ``device`` (``torch`` or ``triton``)."""
+    impl = cfg.model.memory_impl
+    if impl == "auto":
+        return "triton" if device == "cuda" else "torch"
+    return "triton" if impl == "triton" else "torch"
+
+
+def estimate(cfg, layout: Layout, stage: int = 0, seq_len: int = 0, packing: float = 1.0,
+             device: str = "cuda") -> Dict[str, float]:
     """Peak bytes of one rank of pipeline stage ``stage`` during a training step.
 
     - weights, gradients: fp32 (4 B each), or bf16 (2 B) with ``train.precision=bf16``; ZeRO-3
@@ -220,8 +313,9 @@ def estimate(cfg, layout: Layout, stage: int = 0, seq_len: int = 0, packing: flo
     - activations: what autograd keeps per block (:func:`activation_profile`) times the stage's
       blocks, times the micro-batch, times the pipeline micro-batches in flight on this stage
       (1F1B: ``min(pp - stage, grad_accum)``); with activation checkpointing each block keeps only
-      its input and one block at a time is recomputed; plus the head and the fp32 logits on the last
-      stage. ``packing``: the packed-document blow-up of the sequence length (re-laid documents;
+      its input, and the peak is the larger of the backward's start (head and logit gradients
+      alive) and one block's recompute (its saved tensors); plus the head and the fp32 logits on the last
+      stage; the memory path is the one ``device`` runs (:func:`memory_path`). ``packing``: the packed-document blow-up of the sequence length (re-laid documents;
       1 + (alignment - 1) / mean document length on average);
     - transient: the backward's largest temporaries on the last stage: the gradients of the fp32
       log-probabilities and of the logits, alive together in the softmax's backward (2 x logits).
@@ -233,17 +327,21 @@ def estimate(cfg, layout: Layout, stage: int = 0, seq_len: int = 0, packing: flo
     dp, z = layout.dp, layout.zero_stage
     params = stage_parameter_counts(m, layout.tp, layout.pp)[stage]
     opt = OPTIMIZER_BYTES.get(cfg.optim.name, 8.0) + (4 if bf16 else 0)
-    prof = activation_profile(m, layout.tp, T, bf16)
+    prof = activation_profile(m, layout.tp, T, bf16, memory_path(cfg, device))
     block = prof["per_token"] + prof["fast_weight_states"] + prof["intra_chunk"]
     layers = m.n_layers // layout.pp
     in_flight = min(layout.pp - stage, layout.grad_accum) if layout.pp > 1 else 1
     B = layout.micro_batch
-    if cfg.parallel.activation_checkpointing:
-        kept = layers * T * m.d_model * w * B * in_flight + block * B
-    else:
-        kept = layers * block * B * in_flight
     last = stage == layout.pp - 1
     head = (prof["head"] + prof["logits"]) * B if last else 0.0
+    transient = 2 * prof["logits"] * B if last else 0.0
+    if cfg.parallel.activation_checkpointing:
+        # the larger of: the start of the backward (block inputs, head, logit gradients) and one block
+        # recomputed later (block inputs and that block's saved tensors; the head is freed by then)
+        inputs = layers * T * m.d_model * w * B * in_flight
+        kept = inputs + max(0.0, block * B - head - transient)
+    else:
+        kept = layers * block * B * in_flight
     out = {"weights": params * w / (dp if z >= 3 else 1),
            "grads": params * w / (dp if z >= 2 else 1),
            "optimizer": params * opt / (dp if z >= 1 else 1),
@@ -253,7 +351,7 @@ def estimate(cfg, layout: Layout, stage: int = 0, seq_len: int = 0, packing: flo
            "intra_chunk": prof["intra_chunk"] * B * (1 if cfg.parallel.activation_checkpointing
                                                        else layers * in_flight),
            "logits": head,
-           "transient": 2 * prof["logits"] * B if last else 0.0}
+           "transient": transient}
     out["total"] = out["weights"] + out["grads"] + out["optimizer"] + kept + head + out["transient"]
     return out
 
