@@ -52,11 +52,18 @@ def test_transformers_loads_the_export_with_our_logits_and_greedy_decode(exporte
         got = hf(input_ids=ids).logits
     assert torch.equal(got, ours.model(ids))               # the same module, the same tensors
 
+    with torch.no_grad():
+        prefilled = hf(input_ids=ids, use_cache=True)
+    assert prefilled.nl_state is not None
+    assert (prefilled.logits - got).abs().max() < 1e-12     # the chunk-parallel prefill
+
     prompt = ours.encode_prompt("def square(x):\n    ")   # BOS + 20 bytes: five chunks of 4
     want = ours.generate([prompt], max_new_tokens=12, temperature=0.0, stop_at_eos=True).tokens[0]
-    gen = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
+    gen = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)     # prefill + 11 steps
     assert gen[0, :len(prompt)].tolist() == prompt
     assert gen[0, len(prompt):].tolist() == want
+    full = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, use_cache=False)
+    assert torch.equal(full, gen)                           # the full forward at every token agrees
 
 
 def test_the_tokenizer_gives_our_ids(exported):
