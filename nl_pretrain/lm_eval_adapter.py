@@ -32,28 +32,39 @@ MODEL_NAME = "nl-pretrain"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
-def load_session(path: str, dtype: torch.dtype):
+def load_session(path: str, dtype: torch.dtype, device: str):
     from nl_pretrain.infer import Session
-    return Session.load(path, dtype=dtype)
+    return Session.load(path, device=device, dtype=dtype)
+
+
+def last_logits(logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``(B, V)`` on the CPU: each row's logits at its last real position (selected on the device)."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return logits[rows, lengths.to(logits.device) - 1].cpu()
 
 
 @register_model(MODEL_NAME)
 class NLPretrainLM(LM):
-    """``--model_args checkpoint=DIR[,dtype=float32|float64|bfloat16][,add_bos=true]``; ``--batch_size N``."""
+    """``--model_args checkpoint=DIR[,dtype=float32|float64|bfloat16][,add_bos=true]``; ``--batch_size N``;
+    ``--device`` (CUDA when available, else the CPU)."""
 
     def __init__(self, checkpoint: str, dtype: str = "float32", batch_size=8, add_bos=True,
                  max_batch_size=None, device: Optional[str] = None, **unused):
         super().__init__()
         if dtype not in DTYPES:
             raise ValueError(f"model_args dtype={dtype}: unknown; use one of {', '.join(DTYPES)}")
-        self.session = load_session(str(checkpoint), DTYPES[dtype])
+        # lm-eval's default device is cuda:0; without CUDA the model runs on the CPU
+        want = device or "cpu"
+        if want.startswith("cuda") and not torch.cuda.is_available():
+            want = "cpu"
+        self._device = torch.device(want)
+        self.session = load_session(str(checkpoint), DTYPES[dtype], want)
         self.tok = self.session.tokenizer
         self.cfg = self.session.config.model
         from nl_pretrain.model.model import ATTENTION_FAMILIES
         self.windowed = self.cfg.family in ATTENTION_FAMILIES
         self.add_bos = str(add_bos).lower() in ("1", "true", "yes")
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16   # "auto": 16
-        self._device = torch.device("cpu")
 
     # ------------------------------------------------------------------ properties lm-eval reads
     @property
@@ -102,7 +113,7 @@ class NLPretrainLM(LM):
             for b, p in enumerate(prefixes):
                 tokens[b, :len(p)] = torch.tensor(p)
             logits, state = self.session.prefill(tokens, lengths)
-            nxt = logits[torch.arange(len(idx)), lengths - 1]              # predicts target[0]
+            nxt = last_logits(logits, lengths)                                # predicts target[0]
             n = max(len(t) for t in targets)
             tgt = torch.zeros(len(idx), n, dtype=torch.long)
             for b, t in enumerate(targets):
@@ -116,6 +127,7 @@ class NLPretrainLM(LM):
                 greedy &= ~live | (nxt.argmax(-1) == tgt[:, j])
                 if j + 1 < n:                                              # rows past their end feed padding
                     nxt, state = self.session.step(tgt[:, j], state)
+                    nxt = nxt.cpu()
             for b, i in enumerate(idx):
                 out[i] = (float(logp[b]), bool(greedy[b]))
         return out
@@ -162,7 +174,7 @@ class NLPretrainLM(LM):
                     full = ctx + pred
                     inp = torch.tensor(full[:-1])[None]
                     logits, _ = self.session.prefill(inp, torch.tensor([inp.shape[1]]))
-                    lp = F.log_softmax(logits[0, -len(pred):].double(), -1)
+                    lp = F.log_softmax(logits[0, -len(pred):].cpu().double(), -1)
                     total += float(lp.gather(1, torch.tensor(pred)[:, None]).sum())
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
             results.append(total)
@@ -186,8 +198,8 @@ class NLPretrainLM(LM):
             for b, p in enumerate(prompts):
                 tokens[b, :len(p)] = torch.tensor(p)
             logits, state = self.session.prefill(tokens, lengths)
-            allowed = self.session.allowed(logits.shape[-1])            # the tokenizer's real tokens only
-            nxt = logits[torch.arange(len(idx)), lengths - 1]
+            allowed = self.session.allowed(logits.shape[-1]).cpu()      # the tokenizer's real tokens only
+            nxt = last_logits(logits, lengths)
             made: List[List[int]] = [[] for _ in idx]
             done = [m <= 0 for m in max_new]
             for j in range(max(max_new)):
@@ -204,6 +216,7 @@ class NLPretrainLM(LM):
                 if all(done):
                     break
                 nxt, state = self.session.step(pick, state)
+                nxt = nxt.cpu()
             for b, i in enumerate(idx):
                 text = self.tok.decode(made[b])
                 for u in until[b]:
