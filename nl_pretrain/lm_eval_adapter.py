@@ -48,7 +48,7 @@ class NLPretrainLM(LM):
     """``--model_args checkpoint=DIR[,dtype=float32|float64|bfloat16][,add_bos=true]``; ``--batch_size N``;
     ``--device`` (CUDA when available, else the CPU)."""
 
-    def __init__(self, checkpoint: str, dtype: str = "float32", batch_size=8, add_bos=True,
+    def __init__(self, checkpoint: str, dtype: str = "float32", batch_size=16, add_bos=True,
                  max_batch_size=None, device: Optional[str] = None, **unused):
         super().__init__()
         if dtype not in DTYPES:
