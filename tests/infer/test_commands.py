@@ -58,8 +58,10 @@ def test_export_carries_the_tokenizer_and_loads_to_the_same_logits(run, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: export {old} carries no tokenizer") and "pass --tokenizer" in err
     assert err.count("\n") == 1
-    assert main(["generate", "--checkpoint", str(old), "--prompt", "x", "--max-new-tokens", "2",
-                 "--tokenizer", "bytes"]) == 0
+    (run / "prompt.txt").write_text("import x\n")
+    assert main(["generate", "--checkpoint", str(old), "--prompt-file", str(run / "prompt.txt"),
+                 "--max-new-tokens", "2", "--tokenizer", "bytes"]) == 0
+    assert capsys.readouterr().out.startswith("import x\n")
 
 
 def test_eval_writes_loss_positions_and_passkey(run, capsys):

@@ -100,3 +100,26 @@ def test_sampling_settings():
     assert s.generate(["abc"], max_new_tokens=6, top_p=1e-6, seed=5).tokens == greedy
     with pytest.raises(ValueError, match=r"--top-p 1.5 must be in \(0, 1\]"):
         s.generate(["abc"], max_new_tokens=6, top_p=1.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["hope", "titans", "gated_deltanet", "hope_attention"])
+def test_decoding_on_the_triton_path_matches_the_full_forward(family):
+    """float32 on CUDA with the whole-sequence Triton kernels (their final states are the carry)."""
+    s = session(family, memory_impl="triton")
+    s.model.float().cuda()
+    s.device = torch.device("cuda")
+    T = 40
+    ids = torch.randint(0, 259, (2, T), device="cuda")
+    with torch.no_grad():
+        full = s.model(ids)
+    lengths = torch.tensor([5, 13])
+    logits, state = s.prefill(ids, lengths)
+    rows, pos, worst = torch.arange(2, device="cuda"), lengths.cuda(), 0.0
+    while int(pos.max()) < T:
+        p = pos.clamp(max=T - 1)
+        out, state = s.step(ids[rows, p], state)
+        live = pos < T
+        worst = max(worst, float((out[live] - full[rows[live], p[live]]).abs().max()))
+        pos = pos + 1
+    assert worst < 1e-4, worst
