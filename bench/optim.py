@@ -1,8 +1,12 @@
 """Outer optimizers (issue 14): step time relative to AdamW at the 340m preset's matrix shapes,
 optimizer state bytes per parameter, and the held-out loss of the tiny HOPE and Transformer++ after
-the same tokens with each optimizer. Writes bench/results/optim.json.
+the same tokens with each optimizer, and the optimizer state each data-parallel rank keeps at DP1 vs
+DP2 (ZeRO-1 and ZeRO-3, real gloo processes). Writes bench/results/optim.json.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/optim.py [--steps 100] [--threads 1]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/optim.py [--steps 100] [--threads 1] [--sections dp_state ...]
+
+``--sections`` runs only the named ones (step_time, state_bytes, heldout, dp_state) and keeps the
+others' results already in the JSON file.
 
 Step time: one block's weight matrices of ``hope-340m`` (every block has the same shapes; the
 embedding and other AdamW tensors add the same absolute time under every optimizer), fp32, this
@@ -117,6 +121,61 @@ def heldout(family, steps, micro, seq, lr, threads):
     return res
 
 
+def dp_state_rank(trees):
+    """One rank: for each tree, one training step, then the optimizer state bytes this rank keeps
+    (the engine's optimizer: AdamW partitions and matrix-rule state; the slow CMS levels beside it)."""
+    from megatron.core import parallel_state as ps
+    from nl_pretrain.parallel.access import inner_torch_optimizer
+    from nl_pretrain.parallel.trainer import DistributedTrainer, rank_batches
+
+    def nbytes(states):
+        return sum(t.numel() * t.element_size() for st in states for k, t in st.items()
+                   if k != "step" and torch.is_tensor(t))
+    out = []
+    for tree in trees:
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        cfg = build_config(tree)
+        trainer = DistributedTrainer(cfg)
+        data = rank_batches(cfg, trainer.layout, trainer.dp_rank)
+        for step in range(4):                     # the period-4 slow level updates (and has state) at step 3
+            trainer.train_step(step, [next(data)])
+        opt = inner_torch_optimizer(trainer.engine.optimizer)
+        matrix = [opt._state_of(g)[1] for g in opt.param_groups if g.get("rule", "adamw") != "adamw"]
+        out.append({"engine": nbytes(opt.state.values()), "matrix": nbytes(matrix),
+                    "slow": nbytes(st for lv in trainer.slow.levels.values() for st in lv["opt"].state.values()),
+                    "params": trainer.n_params})
+    return out
+
+
+def dp_state(zero_stages=(1, 3), seq=32):
+    """State bytes per rank, DP1 vs DP2, for every optimizer (hope-tiny, one micro-batch of ``seq``)."""
+    import os
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    sys.path.insert(0, str(ROOT / "tests" / "parallel"))
+    from harness import run_distributed
+    cases = [(z, name) for z in zero_stages for name in OPTIMIZERS]
+    trees = [{"model": {"preset": "hope-tiny", "vocab_size": 260, "max_seq_len": seq},
+              "data": {"seq_len": seq, "max_documents": 50, "val_fraction": 0.0},
+              "optim": {"name": name, "warmup_steps": 0},
+              "train": {"steps": 4, "micro_batch_size": 1, "seed": 0, "progress": False, "threads": 1},
+              "parallel": {"zero_stage": z}} for z, name in cases]
+    one = run_distributed(dp_state_rank, 1, trees, timeout=1800)[0]
+    two = run_distributed(dp_state_rank, 2, trees, timeout=1800)
+    res = {}
+    for i, (z, name) in enumerate(cases):
+        ranks = [r[i] for r in two]
+        per_rank = [r["engine"] + r["slow"] for r in ranks]
+        base = one[i]["engine"] + one[i]["slow"]
+        res.setdefault(f"zero{z}", {})[name] = {
+            "dp1_bytes": base, "dp2_bytes_per_rank": per_rank, "dp2_max_over_dp1": max(per_rank) / base,
+            "dp1_matrix_bytes": one[i]["matrix"], "dp2_matrix_bytes_per_rank": [r["matrix"] for r in ranks],
+            "slow_level_bytes_per_rank": ranks[0]["slow"], "params": one[i]["params"]}
+        print(f"ZeRO-{z} {name:15s} DP1 {base / 1e6:7.2f} MB  DP2 per rank "
+              f"{', '.join(f'{b / 1e6:.2f}' for b in per_rank)} MB  ({max(per_rank) / base:.2f}x)", flush=True)
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=100)
@@ -125,19 +184,31 @@ def main():
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench/results/optim.json")
+    ap.add_argument("--sections", nargs="+", default=["step_time", "state_bytes", "heldout", "dp_state"])
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    shapes = block_matrices()
-    result = {"machine": f"CPU, {a.threads} thread(s), fp32", "step_time_shapes": [list(s) for _, s in shapes],
-              "step_time_340m_block": step_times(shapes)}
-    print(result["step_time_340m_block"], flush=True)
-    result["state_bytes_per_param"] = {"hope-tiny": state_bytes("hope-tiny"),
-                                       "transformer-tiny": state_bytes("transformer-tiny")}
-    print(result["state_bytes_per_param"], flush=True)
-    result["heldout"] = {"settings": {"steps": a.steps, "micro": a.micro, "seq": a.seq, "lr": a.lr},
-                         "hope-tiny": heldout("hope", a.steps, a.micro, a.seq, a.lr, a.threads),
-                         "transformer-tiny": heldout("transformer", a.steps, a.micro, a.seq, a.lr, a.threads)}
-    Path(a.out).write_text(json.dumps(result, indent=2))
+    out = Path(a.out)
+    result = json.loads(out.read_text()) if out.exists() and set(a.sections) != {"step_time", "state_bytes",
+                                                                                 "heldout", "dp_state"} else {}
+    result["machine"] = f"CPU, {a.threads} thread(s), fp32"
+    if "step_time" in a.sections:
+        shapes = block_matrices()
+        result["step_time_shapes"] = [list(s) for _, s in shapes]
+        result["step_time_340m_block"] = step_times(shapes)
+        print(result["step_time_340m_block"], flush=True)
+    if "state_bytes" in a.sections:
+        result["state_bytes_per_param"] = {"hope-tiny": state_bytes("hope-tiny"),
+                                           "transformer-tiny": state_bytes("transformer-tiny")}
+        print(result["state_bytes_per_param"], flush=True)
+    if "heldout" in a.sections:
+        result["heldout"] = {"settings": {"steps": a.steps, "micro": a.micro, "seq": a.seq, "lr": a.lr},
+                             "hope-tiny": heldout("hope", a.steps, a.micro, a.seq, a.lr, a.threads),
+                             "transformer-tiny": heldout("transformer", a.steps, a.micro, a.seq, a.lr, a.threads)}
+    if "dp_state" in a.sections:
+        result["state_bytes_per_rank"] = {"note": "hope-tiny, bytes of optimizer state one rank keeps after 4 "
+                                                  "steps (engine optimizer + slow CMS levels), DP1 vs DP2",
+                                          **dp_state()}
+    out.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

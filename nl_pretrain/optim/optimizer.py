@@ -151,9 +151,10 @@ class SlowLevels:
 
     ``step(step, lr, reduce, norm)`` adds this step's gradients to the accumulators; for each level due
     it calls ``reduce(level, accumulators)`` (distributed: the DP all-reduce; may be None), clips the
-    sum by ``norm(params)`` (default: its own 2-norm) and applies the level's own optimizer."""
+    sum by ``norm(params)`` (default: its own 2-norm) and applies the level's own optimizer.
+    ``dp_group``: the matrix rules keep each matrix's state on one data-parallel rank (``rules.py``)."""
 
-    def __init__(self, named_by_level: Dict[int, List[tuple]], optim_cfg, cms_levels):
+    def __init__(self, named_by_level: Dict[int, List[tuple]], optim_cfg, cms_levels, dp_group=None):
         self.cfg = optim_cfg
         periods = [lvl.period if lvl.kind == "step" else 1 for lvl in cms_levels]
         auto = auto_phases(periods)
@@ -164,7 +165,7 @@ class SlowLevels:
         for i, named in sorted(named_by_level.items()):
             params = [p for _, p in named]
             opt = build_optimizer(optimizer_groups(named, optim_cfg, cms_levels[i].lr_scale,
-                                                   level_rule(cms_levels, i, optim_cfg)), optim_cfg)
+                                                   level_rule(cms_levels, i, optim_cfg)), optim_cfg, dp_group)
             self.levels[i] = {"named": named, "params": params, "acc": [torch.zeros_like(p) for p in params],
                               "opt": opt}
             self.updates[i] = 0

@@ -15,8 +15,9 @@ owner (``gather``), the owner rebuilds the (tensor shard of the) matrix, runs th
 copy of its state and sends every rank its partition of the update (``scatter``); every rank applies
 its partition to its fp32 master partition. A rank thus keeps the state of the matrices it owns
 only (about 1/DP of it) and computes 1/DP of the Newton-Schulz work. Without ``dp_group`` (one
-process, ZeRO 0 (fp32, or bf16 with DeepSpeed's whole fp32 master copies), the slow CMS levels)
-every rank keeps all state.
+process, ZeRO 0 (fp32, or bf16 with DeepSpeed's whole fp32 master copies)) every rank keeps all
+state. The slow CMS levels (outside the engine, whole matrices, gradients all-reduced on their update
+steps) get ``dp_group`` under ZeRO 1/2/3 too: the owner runs the rule and broadcasts the update.
 
 Newton-Schulz uses the widely published quintic coefficients (3.4445, -4.7750, 2.0315) of Keller
 Jordan's Muon; ``scale="rms"`` is Moonlight's ``0.2 * sqrt(max(m, n))`` (update RMS ~ AdamW's, so the
@@ -267,12 +268,22 @@ class NLOptimizer(torch.optim.Optimizer):
 
     def _matrix_owned(self, group, p, st) -> None:
         """Partitioned state: gather the gradient partitions on the owner, which runs the rule and
-        scatters the update's partitions (module docstring)."""
+        scatters the update's partitions (module docstring). A whole matrix (a slow CMS level: its
+        gradient is already all-reduced on every rank): the owner runs the rule and broadcasts the update."""
         import torch.distributed as dist
         shape, part, owner = tuple(group["nl_shape"]), p.numel(), group["nl_owner"]
         mine = owner == self.dp_rank
-        grad = p.grad.contiguous()
         src = dist.get_global_rank(self.dp_group, owner) if self.dp_world > 1 else None
+        if tuple(p.shape) == shape:
+            u = (getattr(self, "_" + group["rule"])(group, st, p.grad, Shards(group.get("nl_tp_dim"))).to(p.dtype)
+                 if mine else torch.empty_like(p))
+            if self.dp_world > 1:
+                u = u.contiguous()
+                dist.broadcast(u, src=src, group=self.dp_group)
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(u, alpha=-group["lr"])
+            return
+        grad = p.grad.contiguous()
         parts = [torch.empty_like(grad) for _ in range(self.dp_world)] if mine else None
         if self.dp_world > 1:
             dist.gather(grad, parts, dst=src, group=self.dp_group)

@@ -36,6 +36,14 @@ def ensure_adam_state(opt: torch.optim.Optimizer, wrapper=None) -> None:
                                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
 
+def _owned_matrix(opt, p):
+    """The group of ``p`` when its state is partitioned over DP (a matrix rule with an owner), else None."""
+    for g in opt.param_groups:
+        if g.get("nl_owner") is not None and any(q is p for q in g["params"]):
+            return g
+    return None
+
+
 class EngineAccess(ParamAccess):
     """One rank's engine parameters and slow CMS levels (see the module docstring)."""
 
@@ -84,7 +92,11 @@ class EngineAccess(ParamAccess):
     def read(self, name, p):
         if id(p) in self.slow:
             o, acc = self.slow[id(p)]
-            rec = read_plain(p, o, acc)
+            owned = _owned_matrix(o, p)
+            if owned is not None:                # state on one DP rank: it broadcasts (collective)
+                rec = {"value": p.detach().float().clone(), **o.read_matrix(owned), "acc": acc.detach().clone()}
+            else:
+                rec = read_plain(p, o, acc)
             if self.trainer.dp_size > 1:       # the DP ranks' local sums differ: keep their mean, which
                 import torch.distributed as dist   # is what their update step all-reduces to
                 dist.all_reduce(rec["acc"], group=self.trainer.dp_group)
@@ -106,6 +118,12 @@ class EngineAccess(ParamAccess):
     def write(self, name, p, rec):
         if id(p) in self.slow:
             o, acc = self.slow[id(p)]
+            owned = _owned_matrix(o, p)
+            if owned is not None:
+                with torch.no_grad():
+                    p.copy_(rec["value"].to(device=p.device, dtype=p.dtype))
+                    acc.copy_(rec["acc"] if "acc" in rec else torch.zeros_like(acc))
+                return o.write_matrix(owned, rec)
             return write_plain(p, o, {k: v.to(p.device) for k, v in rec.items()}, acc)
         if self._partitioned(p):
             from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state

@@ -75,12 +75,16 @@ class StepLevelSync:
     the DP all-reduce of a due level's accumulator and the clipping norm over every model-parallel shard.
 
     ``dp_group``: where accumulators are all-reduced; ``norm_group``: where the clipping norm is summed
-    (the model-parallel group: tensor x pipeline), ``None`` in one process.
+    (the model-parallel group: tensor x pipeline), ``None`` in one process; ``partition_state``: the
+    matrix rules keep each matrix's state on one DP rank, which broadcasts the update.
     """
 
-    def __init__(self, blocks: List[Tuple[int, nn.Module]], optim_cfg, cms_levels, dp_group=None, norm_group=None):
+    def __init__(self, blocks: List[Tuple[int, nn.Module]], optim_cfg, cms_levels, dp_group=None, norm_group=None,
+                 partition_state: bool = False):
         self.cfg, self.group, self.norm_group = optim_cfg, dp_group, norm_group
-        self.schedule = SlowLevels(slow_levels(blocks), optim_cfg, cms_levels)
+        # partition_state (ZeRO 1/2/3): each matrix's optimizer state on one DP rank (optim/rules.py)
+        self.schedule = SlowLevels(slow_levels(blocks), optim_cfg, cms_levels,
+                                   dp_group if partition_state and dp_group is not None else None)
         self.levels, self.updates = self.schedule.levels, self.schedule.updates
         self.periods, self.phases = self.schedule.periods, self.schedule.phases
         self.comm_log: List[tuple] = []             # (step, level, bytes): every collective issued

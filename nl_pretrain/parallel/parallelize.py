@@ -134,7 +134,7 @@ def parallelize(model: nn.Module, cfg, layout: Layout, device: torch.device) -> 
     # 2. slow CMS step levels: out of the engine, synced over DP on their own update steps
     norm_group = ps.get_model_parallel_group() if layout.tp * layout.pp > 1 else None
     slow = StepLevelSync([(i, model.blocks[i]) for i in block_ids], cfg.optim, cfg.model.cms,
-                         ps.get_data_parallel_group(), norm_group)
+                         ps.get_data_parallel_group(), norm_group, partition_state=layout.zero_stage >= 1)
     # 3. activation checkpointing: wrap this stage's blocks
     if cfg.parallel.activation_checkpointing:
         for i in block_ids:

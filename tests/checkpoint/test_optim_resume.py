@@ -8,7 +8,7 @@ import torch
 from nl_pretrain.config import build_config
 from nl_pretrain.optim.rules import STATE_KEYS
 from nl_pretrain.train.loop import train
-from workers import tiny_tree
+from workers import HOPE_CMS, tiny_tree
 
 N = 6
 
@@ -18,7 +18,7 @@ def ckpt(run_dir: Path, step: int) -> Path:
 
 
 def single(run_dir, name, steps=N, **extra):
-    tree = tiny_tree("hope", steps=steps)          # has a period-2 slow CMS level
+    tree = tiny_tree("hope", steps=steps, cms=extra.pop("cms", None))          # has a period-2 slow CMS level
     tree["optim"] = {**tree["optim"], "name": name, **extra.pop("optim", {})}
     tree["train"] = {**tree["train"], "run_dir": str(run_dir), "log_every": 1, "eval_every": 10 ** 6,
                      "threads": 1, **extra.pop("train", {})}
@@ -61,8 +61,22 @@ def test_resume_with_another_optimizer_is_refused_unless_asked(tmp_path, capsys)
     assert common["counters"]["optimizer"] == "muon" and common["counters"]["adam_steps"] == 1
 
 
+def test_resume_with_other_level_optimizers_is_refused(tmp_path):
+    levels = [HOPE_CMS[0], {**HOPE_CMS[1], "optimizer": "muon"}, HOPE_CMS[2]]
+    train(single(tmp_path / "a", "adamw", steps=2, cms=levels))
+    common = torch.load(ckpt(tmp_path / "a", 2) / "common.pt", weights_only=False)
+    assert common["counters"]["level_optimizers"] == {"1": "muon"}
+    with pytest.raises(ValueError) as e:
+        train(single(tmp_path / "b", "adamw", steps=3, cms=HOPE_CMS, train={"resume": str(ckpt(tmp_path / "a", 2))}))
+    assert str(e.value) == ("the checkpoint's CMS step levels were trained with model.cms[1].optimizer=muon, this "
+                            "run asks for no level optimizers: resume with the checkpoint's level optimizers, or "
+                            "pass --optim.allow_switch=true to continue the weights with fresh optimizer state")
+
+
 # ------------------------------------------------------------------------------------ distributed
-DIST = {"dp2-zero2-muon-hope": (tiny_tree("hope", zero=2, steps=N), "muon", 2),
+# ZeRO-3 with matrix state partitioned over the two DP ranks, and CMS levels with optimizers of their own
+LEVEL_RULES = [HOPE_CMS[0], {**HOPE_CMS[1], "optimizer": "m3"}, {**HOPE_CMS[2], "optimizer": "dmgd"}]
+DIST = {"dp2-zero3-muon-hope-level-rules": (tiny_tree("hope", zero=3, steps=N, cms=LEVEL_RULES), "muon", 2),
         "tp2-dmgd-hope": (tiny_tree("hope", tp=2, steps=N), "dmgd", 1)}
 
 
@@ -87,7 +101,8 @@ def test_distributed_exact_resume_and_resume_on_one_process(tmp_path):
             assert rank[i]["losses"] == full[N // 2:], f"{n}: resumed losses differ (bitwise)"
         # another layout: one process continues from the distributed checkpoint
         tree, optim, dp = DIST[n]
-        cfg = single(tmp_path / "c" / n, optim, train={"resume": str(ckpt(tmp_path / "a" / n, N // 2)),
-                                                       "micro_batch_size": tree["train"]["micro_batch_size"] * dp})
+        cfg = single(tmp_path / "c" / n, optim, cms=tree["model"]["cms"],
+                     train={"resume": str(ckpt(tmp_path / "a" / n, N // 2)),
+                            "micro_batch_size": tree["train"]["micro_batch_size"] * dp})
         one = train(cfg)
         torch.testing.assert_close(torch.tensor(one["losses"]), torch.tensor(full[N // 2:]), rtol=1e-4, atol=1e-4)
