@@ -1,6 +1,6 @@
 """Decoding speed and state size: HOPE's recurrent state against Transformer++'s KV cache.
 
-    python bench/decode.py             # contexts 1K, 4K, 16K (~3 minutes on 2 idle cores)
+    python bench/decode.py             # contexts 1K, 4K, 16K (a few minutes on 2 cores)
     python bench/decode.py --quick     # smoke run (contexts 64, 128)
 
 For ``hope-tiny`` and ``transformer-tiny`` (d_model 128, 2 layers, float32, batch 1, the torch
