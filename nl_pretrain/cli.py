@@ -112,7 +112,7 @@ def cmd_lm_eval(args) -> int:
         raise ValueError("nl-pretrain lm-eval needs the lm-eval package; install the eval extra "
                          "(pip install -e '.[eval]' -c constraints-cpu.txt)") from None
     from nl_pretrain.lm_eval_adapter import run_lm_eval     # docs/INFERENCE.md, "lm-eval"
-    return run_lm_eval(args.checkpoint, args.overrides)
+    return run_lm_eval(args.checkpoint, args.overrides, args.tokenizer)
 
 
 EXPORT_FORMATS = ("safetensors", "hf")
@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="every other option goes to `lm-eval run` (--tasks, --include_path, --limit, "
                                "--output_path, --batch_size, --model_args dtype=float64, ...)")
     le.add_argument("--checkpoint", required=True, help="a checkpoint dir or root, or an nl-pretrain export dir")
+    le.add_argument("--tokenizer", default=None, metavar="PATH|bytes",
+                    help="when the checkpoint carries none: tokenizer.json, dataset dir, or bytes")
     le.set_defaults(func=cmd_lm_eval)
     from nl_pretrain.infer import commands as infer_commands     # generate, eval (docs/INFERENCE.md)
     infer_commands.register(sub)

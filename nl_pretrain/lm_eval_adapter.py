@@ -32,9 +32,9 @@ MODEL_NAME = "nl-pretrain"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
-def load_session(path: str, dtype: torch.dtype, device: str):
+def load_session(path: str, dtype: torch.dtype, device: str, tokenizer: Optional[str]):
     from nl_pretrain.infer import Session
-    return Session.load(path, device=device, dtype=dtype)
+    return Session.load(path, device=device, dtype=dtype, tokenizer=tokenizer)
 
 
 def last_logits(logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -45,11 +45,11 @@ def last_logits(logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 @register_model(MODEL_NAME)
 class NLPretrainLM(LM):
-    """``--model_args checkpoint=DIR[,dtype=float32|float64|bfloat16][,add_bos=true]``; ``--batch_size N``;
-    ``--device`` (CUDA when available, else the CPU)."""
+    """``--model_args checkpoint=DIR[,dtype=float32|float64|bfloat16][,add_bos=true][,tokenizer=PATH|bytes]``;
+    ``--batch_size N``; ``--device`` (CUDA when available, else the CPU)."""
 
     def __init__(self, checkpoint: str, dtype: str = "float32", batch_size=16, add_bos=True,
-                 max_batch_size=None, device: Optional[str] = None, **unused):
+                 max_batch_size=None, device: Optional[str] = None, tokenizer: Optional[str] = None, **unused):
         super().__init__()
         if dtype not in DTYPES:
             raise ValueError(f"model_args dtype={dtype}: unknown; use one of {', '.join(DTYPES)}")
@@ -58,7 +58,7 @@ class NLPretrainLM(LM):
         if want.startswith("cuda") and not torch.cuda.is_available():
             want = "cpu"
         self._device = torch.device(want)
-        self.session = load_session(str(checkpoint), DTYPES[dtype], want)
+        self.session = load_session(str(checkpoint), DTYPES[dtype], want, tokenizer)
         self.tok = self.session.tokenizer
         self.cfg = self.session.config.model
         from nl_pretrain.model.model import ATTENTION_FAMILIES
@@ -241,7 +241,7 @@ class NLPretrainLM(LM):
 
 
 # ---------------------------------------------------------------------------------- the command
-def run_lm_eval(checkpoint: str, lm_eval_args: List[str]) -> int:
+def run_lm_eval(checkpoint: str, lm_eval_args: List[str], tokenizer: Optional[str] = None) -> int:
     """``nl-pretrain lm-eval --checkpoint DIR [lm_eval run options]``: lm-eval's own CLI, in this
     process, with ``--model nl-pretrain --model_args checkpoint=DIR`` (more ``--model_args`` merge in)."""
     if any(a == "--model" or a.startswith("--model=") or a == "-M" for a in lm_eval_args):
@@ -250,14 +250,12 @@ def run_lm_eval(checkpoint: str, lm_eval_args: List[str]) -> int:
     if not any(a in ("--tasks", "-t") or a.startswith("--tasks=") for a in lm_eval_args):
         raise ValueError("nl-pretrain lm-eval needs --tasks (e.g. --tasks hellaswag, or a task of your own "
                          "with --include_path DIR); `lm-eval ls tasks` lists them")
-    from nl_pretrain.checkpoint.export import resolve_checkpoint
-    from pathlib import Path
-    if not all((Path(checkpoint) / n).is_file() for n in ("model.safetensors", "config.yaml")):
-        resolve_checkpoint(checkpoint)          # the one error line for a directory that is neither
+    from nl_pretrain.hf.export import resolve_source
+    resolve_source(checkpoint, tokenizer)       # neither a checkpoint nor an export, no tokenizer: one line
     from lm_eval._cli import HarnessCLI
     batch = [] if any(a.startswith("--batch_size") or a == "-b" for a in lm_eval_args) else ["--batch_size", "16"]
-    argv = ["lm-eval", "run", "--model", MODEL_NAME, "--model_args", f"checkpoint={checkpoint}", *batch,
-            *lm_eval_args]
+    model_args = f"checkpoint={checkpoint}" + (f",tokenizer={tokenizer}" if tokenizer else "")
+    argv = ["lm-eval", "run", "--model", MODEL_NAME, "--model_args", model_args, *batch, *lm_eval_args]
     saved, sys.argv = sys.argv, argv
     try:
         cli = HarnessCLI()

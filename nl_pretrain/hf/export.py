@@ -44,19 +44,17 @@ def _no_tokenizer(source: str) -> ValueError:
                       f"tokenizer.json), or --tokenizer bytes for the built-in byte corpus")
 
 
-def load_source(checkpoint: str, tokenizer: Optional[str]) -> Tuple[object, dict, str, str]:
-    """``(model config, tensors, tokenizer json, source path)``. Every check (kind of directory,
-    tokenizer present) comes before the weights are read."""
-    from nl_pretrain.checkpoint.export import consolidate, resolve_checkpoint
+def resolve_source(checkpoint: str, tokenizer: Optional[str]) -> Tuple[str, Path, str]:
+    """``(kind, path, tokenizer json)`` of a checkpoint or export, ``kind`` "export" or "checkpoint":
+    every check (kind of directory, tokenizer present) before any weight is read."""
+    from nl_pretrain.checkpoint.export import resolve_checkpoint
     from nl_pretrain.checkpoint.store import CheckpointStore
     src = Path(checkpoint)
     if src.is_dir() and all((src / n).is_file() for n in NATIVE_FILES):       # an `nl-pretrain export` dir
         if tokenizer is None and not (src / TOKENIZER_FILE).is_file():
             raise _no_tokenizer(str(src))
         tok_json = _tokenizer_from_option(tokenizer) if tokenizer else (src / TOKENIZER_FILE).read_text("utf-8")
-        from nl_pretrain.checkpoint.export import load_exported
-        model, cfg = load_exported(str(src))
-        return cfg.model, dict(model.state_dict()), tok_json, str(src)
+        return "export", src, tok_json
     try:
         path = resolve_checkpoint(checkpoint)
     except FileNotFoundError:
@@ -64,13 +62,22 @@ def load_source(checkpoint: str, tokenizer: Optional[str]) -> Tuple[object, dict
             f"--checkpoint {checkpoint}: not a checkpoint (step-XXXXXXXX with index.json), a checkpoint root "
             f"holding one, or an nl-pretrain export (model.safetensors + config.yaml); point it at "
             f"<run_dir>/checkpoints") from None
-    if tokenizer is None:
-        record = CheckpointStore(path.parent).read(path, "common.pt").get("tokenizer")
-        if record is None:
-            raise _no_tokenizer(str(path))
-        tok_json = record["json"]
-    else:
-        tok_json = _tokenizer_from_option(tokenizer)
+    if tokenizer is not None:
+        return "checkpoint", path, _tokenizer_from_option(tokenizer)
+    record = CheckpointStore(path.parent).read(path, "common.pt").get("tokenizer")
+    if record is None:
+        raise _no_tokenizer(str(path))
+    return "checkpoint", path, record["json"]
+
+
+def load_source(checkpoint: str, tokenizer: Optional[str]) -> Tuple[object, dict, str, str]:
+    """``(model config, tensors, tokenizer json, source path)``."""
+    kind, path, tok_json = resolve_source(checkpoint, tokenizer)
+    if kind == "export":
+        from nl_pretrain.checkpoint.export import load_exported
+        model, cfg = load_exported(str(path))
+        return cfg.model, dict(model.state_dict()), tok_json, str(path)
+    from nl_pretrain.checkpoint.export import consolidate
     path, _, cfg, tensors = consolidate(str(path))
     return cfg.model, tensors, tok_json, str(path)
 

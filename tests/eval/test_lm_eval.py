@@ -133,10 +133,21 @@ def test_an_unknown_task_is_one_error_line(checkpoint, capsys):
         "your own needs --include_path DIR (the directory of its YAML)")
 
 
-def test_not_a_checkpoint_and_a_foreign_model_are_refused_before_lm_eval(tmp_path, capsys):
+def test_bad_sources_and_a_foreign_model_are_refused_before_lm_eval(checkpoint, tmp_path, capsys):
     rc = cli.main(["lm-eval", "--checkpoint", str(tmp_path), "--tasks", "nl_mc"])
     assert rc == 2
-    assert error_line(capsys.readouterr().err).startswith(f"error: --checkpoint {tmp_path}: neither a complete checkpoint")
+    assert error_line(capsys.readouterr().err) == (
+        f"error: --checkpoint {tmp_path}: not a checkpoint (step-XXXXXXXX with index.json), a checkpoint root "
+        f"holding one, or an nl-pretrain export (model.safetensors + config.yaml); point it at <run_dir>/checkpoints")
+    native = tmp_path / "native"                 # an export without its tokenizer, as older checkpoints give
+    assert cli.main(["export", "--checkpoint", checkpoint, "--out", str(native)]) == 0
+    (native / "tokenizer.json").unlink()
+    capsys.readouterr()
+    assert cli.main(["lm-eval", "--checkpoint", str(native), "--tasks", "nl_mc"]) == 2
+    assert error_line(capsys.readouterr().err) == (
+        f"error: {native} carries no tokenizer (it was written before checkpoints carried one); pass --tokenizer "
+        f"with the prepared dataset directory the model was trained on (or its tokenizer.json), or --tokenizer "
+        f"bytes for the built-in byte corpus")
     rc = cli.main(["lm-eval", "--checkpoint", str(tmp_path), "--tasks", "nl_mc", "--model", "hf"])
     assert rc == 2
     assert error_line(capsys.readouterr().err) == (
