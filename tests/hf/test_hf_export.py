@@ -78,6 +78,18 @@ def test_the_tokenizer_gives_our_ids(exported):
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (ours.bos_id, ours.eos_id, ours.pad_id)
     assert tok.decode(ours.encode(text)) == text
 
+    # a prepared dataset's BPE (merges, special ids 0-2), as `hf_tokenizer` wraps it for an export
+    import sysconfig
+    from data_pipeline.tokenizer import TextTokenizer, train_bpe
+    from nl_pretrain.hf.export import hf_tokenizer
+    texts = [p.read_text() for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:10]]
+    bpe_json = train_bpe(texts, 600)
+    bpe, wrapped = TextTokenizer(bpe_json), hf_tokenizer(bpe_json)
+    assert len(bpe.encode(text)) < len(text.encode("utf-8"))                 # merges are used
+    assert wrapped(text, add_special_tokens=False)["input_ids"] == bpe.encode(text)
+    assert wrapped(text)["input_ids"] == [bpe.bos_id] + bpe.encode(text)
+    assert wrapped.decode(bpe.encode(text)) == text
+
 
 def test_bad_exports_are_one_error_line_before_any_file(exported, tmp_path, capsys):
     ckpt, _ = exported
