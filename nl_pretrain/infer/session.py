@@ -86,7 +86,7 @@ class Session:
                              f"model.max_seq_len={self.max_len}; shorten the prompt or lower --max-new-tokens "
                              f"(recurrent families have no such limit)")
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None,
                 doc_ids: Optional[torch.Tensor] = None):
         """``tokens (B, T)`` right-padded (row b real up to ``lengths[b]``, default T) -> ``(logits (B, T, V),
@@ -115,7 +115,7 @@ class Session:
         state.lengths = lengths.clone()
         return logits, state
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self, tokens: torch.Tensor, state: decode.DecodeState, new_doc: Optional[torch.Tensor] = None):
         """``tokens (B,)`` -> ``(logits (B, V), state)``. The state is consumed (KV caches are written in
         place); ``new_doc (B,)`` bool: this token starts a new document in that row."""
@@ -137,7 +137,7 @@ class Session:
         ok[self.tokenizer.bos_id] = False
         return ok
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, prompts: Sequence[Union[str, Sequence[int]]], max_new_tokens: int = 64,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  stream: Optional[Callable[[int, str], None]] = None, stop_at_eos: bool = True) -> Generation:
