@@ -255,14 +255,11 @@ class NLOptimizer(torch.optim.Optimizer):
         self.keys[group["nl_name"]] = p
         if group.get("nl_owner") is not None:
             return self._matrix_owned(group, p, st)
-        shape = tuple(group["nl_shape"])
-        flat = tuple(p.shape) != shape                    # a ZeRO flat partition of the parameter
-        g = _dp_gather(p.grad, shape) if flat else p.grad
-        shards = Shards(group.get("nl_tp_dim"))
-        u = getattr(self, "_" + group["rule"])(group, st, g, shards)
+        if tuple(p.shape) != tuple(group["nl_shape"]):
+            raise RuntimeError(f"{group['nl_name']}: got a flat partition {tuple(p.shape)} of a "
+                               f"{tuple(group['nl_shape'])} matrix; build the optimizer with dp_group= (ZeRO)")
+        u = getattr(self, "_" + group["rule"])(group, st, p.grad, Shards(group.get("nl_tp_dim")))
         lr = group["lr"]
-        if flat:
-            u = _own_partition(u, p.numel())
         p.mul_(1 - lr * group["weight_decay"])
         p.add_(u.to(p.dtype), alpha=-lr)
 
@@ -381,24 +378,3 @@ def _shard_sum(t: torch.Tensor, shards: Shards) -> float:
         total = total.clone()
         dist.all_reduce(total, group=shards.group)
     return float(total)
-
-
-def _dp_gather(flat_grad: torch.Tensor, shape) -> torch.Tensor:
-    """The whole (tensor-parallel shard of the) gradient from the ZeRO data-parallel partitions."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    group = ps.get_data_parallel_group()
-    parts = [torch.empty_like(flat_grad) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, flat_grad.contiguous(), group=group)
-    numel = math.prod(shape)
-    return torch.cat(parts)[:numel].view(shape)
-
-
-def _own_partition(u: torch.Tensor, part: int) -> torch.Tensor:
-    from megatron.core import parallel_state as ps
-    r = ps.get_data_parallel_rank()
-    flat = u.reshape(-1)
-    pad = part * ps.get_data_parallel_world_size() - flat.numel()
-    if pad > 0:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return flat[r * part:(r + 1) * part]
