@@ -32,7 +32,8 @@ def text_windows(directory: str, tokenizer, seq_len: int) -> Iterator[dict]:
     toks: List[int] = []
     docs: List[int] = []
     for i, f in enumerate(files):
-        ids = [tokenizer.bos_id] + tokenizer.encode(f.read_text(encoding="utf-8", errors="replace")) + [tokenizer.eos_id]
+        text = f.read_text(encoding="utf-8", errors="replace")
+        ids = [tokenizer.bos_id] + tokenizer.encode(text) + [tokenizer.eos_id]
         toks += ids
         docs += [i] * len(ids)
     n = (len(toks) - 1) // (seq_len + 1)

@@ -27,9 +27,11 @@ def register(sub) -> None:
     e.add_argument("--checkpoint", required=True, help="a checkpoint (dir or root) or an export directory")
     data = e.add_mutually_exclusive_group()
     data.add_argument("--dataset", help="a prepared dataset (its validation split; default: the run's own)")
-    data.add_argument("--text", help="a directory of text files (each one document), tokenized with the run's tokenizer")
+    data.add_argument("--text", help="a directory of text files (each one document), tokenized with the run's "
+                                     "tokenizer")
     e.add_argument("--tasks", default="loss", help=f"comma-separated, of {', '.join(EVAL_TASKS)} (loss)")
-    e.add_argument("--seq-len", type=int, default=0, help="tokens per held-out sequence (default: the run's data.seq_len)")
+    e.add_argument("--seq-len", type=int, default=0,
+                   help="tokens per held-out sequence (default: the run's data.seq_len)")
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--max-batches", type=int, default=16, help="held-out batches to evaluate (16)")
     e.add_argument("--passkey-lengths", default="1024,4096,16384", help="prompt lengths in tokens (1024,4096,16384)")

@@ -68,5 +68,6 @@ def load_tokenizer_path(path: str):
         p = p / TOKENIZER_FILE
     if not p.is_file():
         raise FileNotFoundError(f"--tokenizer {path}: no tokenizer.json there; pass the prepared dataset directory "
-                                f"the model was trained on, its tokenizer.json, or 'bytes' for the built-in byte corpus")
+                                f"the model was trained on, its tokenizer.json, or 'bytes' for the built-in byte "
+                                f"corpus")
     return load_tokenizer_json(p.read_text(encoding="utf-8"))

@@ -1,6 +1,7 @@
 """``nl-pretrain generate`` / ``eval`` on a real (briefly trained) checkpoint and its export."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +23,7 @@ def run(tmp_path_factory):
     train(cfg)
     text = root / "text"
     text.mkdir()
-    import json as j
-    src = __import__("pathlib").Path(j.__file__).parent
+    src = Path(json.__file__).parent                     # two real text files: json/__init__.py, decoder.py
     for f in ("__init__.py", "decoder.py"):
         shutil.copy(src / f, text / f)
     return root
