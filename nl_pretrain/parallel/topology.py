@@ -111,7 +111,7 @@ def init_parallel(cfg, backend: Optional[str] = None) -> Layout:
     from megatron.core import parallel_state
 
     import deepspeed
-    # plain gloo on CPU: the shared-memory comm op would JIT-compile for ~50 s (STACK.md)
+    # plain gloo on CPU: the shared-memory comm op would JIT-compile for ~50 s (measured on our CPU machines)
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():            # Ray Train starts the group itself
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
