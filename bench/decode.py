@@ -96,7 +96,8 @@ def main() -> int:
         print(f"HOPE / Transformer++ at {r['context']:6d}: decode tokens/s x{r['decode_tokens_per_s']:.3f}, "
               f"state bytes x{r['state_bytes']:.4f}")
     result = {"what": "decoding tokens/s and state bytes per sequence, hope-tiny vs transformer-tiny (KV cache), "
-                      "float32, batch 1, CPU", "quick": args.quick, "plan": plan, "machine": machine(torch.get_num_threads()),
+                      "float32, batch 1, CPU", "quick": args.quick, "plan": plan,
+              "machine": machine(torch.get_num_threads()),
               "load_before": load_before, "load_after": load_average(), "results": rows, "ratios": ratios}
     write_json(args.out, result)
     return 0
