@@ -54,6 +54,8 @@ def _session(args):
     from nl_pretrain.infer.session import Session
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is visible here; use --device cpu")
     return Session.load(args.checkpoint, device=args.device, tokenizer=args.tokenizer)
 
 
