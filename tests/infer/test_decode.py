@@ -7,7 +7,8 @@ from nl_pretrain.infer import Session
 from nl_pretrain.infer.tokenizer import load_tokenizer_path
 from nl_pretrain.model import LanguageModel
 
-CASES = [("hope", {}), ("hope", {"proj_memory": "mlp", "momentum": False}), ("hope_attention", {}),
+CASES = [("hope", {}), ("hope", {"proj_memory": "mlp", "momentum": False}),
+         ("hope", {"rule": "dgd", "linear_grad": "chunk_start", "inner_loss": "dot"}), ("hope_attention", {}),
          ("transformer", {}), ("titans", {}), ("gated_deltanet", {})]
 
 
