@@ -2,13 +2,16 @@
 
     .venv/bin/python bench/memory.py [--only NAME ...] [--long-context]
 
-Measured: one training step (forward, backward, AdamW step) after a warm-up step, in one process,
-PyTorch memory path. The peak is the bytes held before the step (weights, optimizer state: every
-storage of the model and the optimizer) plus the peak of the storages created during the step, seen
-by a dispatch mode and a weak reference on each storage
-(:class:`nl_pretrain.parallel.memory_model.LiveBytes`): exact bytes of live tensors, not RSS.
-Estimated: :func:`nl_pretrain.parallel.memory_model.estimate` for the same config (one rank, no
-parallelism). ``--long-context``: HOPE at a tiny width from 2K to 32K tokens, activation bytes
+Measured: one training step (forward, backward, AdamW step) after a warm-up step, PyTorch memory
+path, fp32: in one process (the first rows), or on every rank of a real 2-rank DeepSpeed job over
+gloo (TP / PP / ZeRO rows; the largest rank is reported, on the built-in byte corpus with its
+packed documents). The peak is the bytes held before the step (one process: every storage of the
+model and the optimizer; distributed: every tensor the Python heap reaches, engine buffers
+included; floating-point tensors only: the corpus's token ids stay on the host) plus the peak of the storages created during the step, seen by a dispatch mode and a
+weak reference on each storage (:class:`nl_pretrain.parallel.memory_model.LiveBytes`): exact bytes
+of live tensors, not RSS. Estimated: :func:`nl_pretrain.parallel.memory_model.estimate` for the
+same config and layout (distributed rows: for the measured rank's stage, with the packing blow-up
+of its batch). ``--long-context``: HOPE at a tiny width from 2K to 32K tokens, activation bytes
 (kept after the forward) per token, with and without ``model.recompute_chunks``.
 Writes a table and bench/results/memory.json.
 """
@@ -88,6 +91,60 @@ def measure(cfg) -> dict:
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
+DIST_BASE = ["--data.max_documents=200", "--data.val_fraction=0", "--train.progress=false", "--train.steps=2",
+             "--train.threads=1", "--optim.warmup_steps=0"]
+DISTRIBUTED = {   # name: (world size, overrides); real DeepSpeed engines over gloo, 2 ranks
+    "hope TP2 T=256 B=2": (2, ["--model.preset=hope-tiny", "--parallel.tensor=2", "--data.seq_len=256",
+                               "--train.micro_batch_size=2"]),
+    "hope PP2 T=256 B=1 accum 2": (2, ["--model.preset=hope-tiny", "--parallel.pipeline=2", "--data.seq_len=256",
+                                       "--train.micro_batch_size=1", "--train.grad_accum=2"]),
+    "hope DP2 ZeRO-2 T=256 B=2": (2, ["--model.preset=hope-tiny", "--parallel.zero_stage=2", "--data.seq_len=256",
+                                      "--train.micro_batch_size=2"]),
+    "hope DP2 ZeRO-1 T=256 B=2": (2, ["--model.preset=hope-tiny", "--parallel.zero_stage=1", "--data.seq_len=256",
+                                      "--train.micro_batch_size=2"]),
+    "titans TP2 act-ckpt T=512 B=2": (2, ["--model.preset=titans-tiny", "--parallel.tensor=2", "--data.seq_len=512",
+                                          "--train.micro_batch_size=2", "--parallel.activation_checkpointing=true"]),
+    "transformer DP2 ZeRO-3 T=512 B=4": (2, ["--model.preset=transformer-tiny", "--parallel.zero_stage=3",
+                                             "--data.seq_len=512", "--train.micro_batch_size=4"]),
+}
+
+
+def _all_tensor_bytes(extra=()) -> int:
+    """Distinct storages of every floating-point tensor the Python heap reaches (engine buffers,
+    optimizer state, weights and their gradients; not the corpus's token ids, which stay on the host)."""
+    import gc
+    from nl_pretrain.parallel.memory_model import held_bytes
+    found = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.is_floating_point()]
+    return held_bytes(found, *extra)
+
+
+def _rank_measure(overrides):
+    """On one rank: the peak of the second training step and the packed-document blow-up of its batch."""
+    from nl_pretrain.config import load_config
+    from nl_pretrain.model.packing import Documents, alignment
+    from nl_pretrain.parallel.memory_model import LiveBytes
+    from nl_pretrain.parallel.trainer import DistributedTrainer, rank_batches
+    torch.set_num_threads(1)
+    cfg = load_config(None, BASE + DIST_BASE + overrides)
+    trainer = DistributedTrainer(cfg)
+    data = rank_batches(cfg, trainer.layout, trainer.dp_rank)
+    trainer.train_step(0, [next(data) for _ in range(cfg.train.grad_accum)])
+    batches = [next(data) for _ in range(cfg.train.grad_accum)]
+    align = alignment(trainer.model.blocks)
+    packing = max(Documents(b["doc_ids"], align).length for b in batches) / cfg.data.seq_len
+    before = _all_tensor_bytes([trainer.model, trainer.engine.module])
+    with LiveBytes() as live:
+        trainer.train_step(1, batches)
+    return {"peak": before + live.peak, "held_before": before, "packing": packing,
+            "stage": trainer.pp_rank}
+
+
+def measure_distributed(world: int, overrides) -> list:
+    sys.path.insert(0, str(ROOT / "tests" / "parallel"))
+    from harness import run_distributed
+    return run_distributed(_rank_measure, world, overrides, timeout=900)
+
+
 def estimated(cfg) -> dict:
     from nl_pretrain.parallel.memory_model import estimate
     from nl_pretrain.parallel.topology import Layout
@@ -140,7 +197,7 @@ def main() -> None:
     from nl_pretrain.config import load_config
     rows = {}
     for name, ov in CONFIGS.items():
-        if args.only and name not in args.only:
+        if args.only is not None and name not in args.only:
             continue
         cfg = load_config(None, BASE + ov)
         meas, est = measure(cfg), estimated(cfg)
@@ -149,6 +206,23 @@ def main() -> None:
                       "estimate_parts": {k: v for k, v in est.items()}}
         print(f"{name:34s} measured {meas['peak'] / MIB:8.1f} MiB  estimate {est['total'] / MIB:8.1f} MiB  "
               f"ratio {est['total'] / meas['peak']:.3f}  ({meas['seconds']} s)", flush=True)
+    for name, (world, ov) in DISTRIBUTED.items():
+        if args.only is not None and name not in args.only:
+            continue
+        from nl_pretrain.parallel.memory_model import estimate
+        from nl_pretrain.parallel.topology import check_layout
+        cfg = load_config(None, BASE + DIST_BASE + ov)
+        layout = check_layout(cfg, world)
+        t0 = time.perf_counter()
+        ranks = measure_distributed(world, ov)
+        worst = max(ranks, key=lambda r: r["peak"])
+        est = estimate(cfg, layout, worst["stage"], packing=worst["packing"], device="cpu")
+        rows[name] = {"overrides": ov, "world": world, "measured": worst["peak"], "estimate": est["total"],
+                      "ratio": est["total"] / worst["peak"], "measurement": {"ranks": ranks,
+                                                                             "seconds": round(time.perf_counter() - t0, 1)},
+                      "estimate_parts": est}
+        print(f"{name:34s} measured {worst['peak'] / MIB:8.1f} MiB  estimate {est['total'] / MIB:8.1f} MiB  ratio "
+              f"{est['total'] / worst['peak']:.3f}  (packing {worst['packing']:.2f}, stage {worst['stage']})", flush=True)
     print(table(rows))
     result = {"machine": machine(1), "load_average": load_average(),
               "method": "peak = storages held before the step + peak of storages created during it (dispatch "

@@ -112,9 +112,17 @@ class _SavesLikeTriton(torch.autograd.Function):
         return (None, None) + (None,) * len(ctx.saved_tensors)
 
 
+_STATE_TAG = "_nl_chunk_states"     # marks the stand-ins' state tensors for the trace's classification
+
+
 def _chunk_states(state, n_chunks: int):
     """The chunk-start states a Triton kernel keeps: ``n_chunks + 1`` copies of every state tensor."""
-    return [torch.empty(n_chunks + 1, *w.shape, dtype=torch.float32, device=w.device) for w in state]
+    return [_tagged(torch.empty(n_chunks + 1, *w.shape, dtype=torch.float32, device=w.device)) for w in state]
+
+
+def _tagged(t):
+    setattr(t, _STATE_TAG, True)
+    return t
 
 
 def _triton_memory_sequence(spec, state, mom, k, vhat, eta, alpha, beta, q, chunk, self_targets=False,
@@ -143,8 +151,8 @@ def _triton_projection_sequence(spec, P, S, u, beta, eta_bias, alpha_bias, eta_m
     N, R, d = P.shape
     T = u.shape[1]
     n = -(-T // chunk)
-    saved = [torch.empty(N, n + 1, R, d, device=u.device)] * (2 if beta is not None else 1)
-    saved = [torch.empty(N, n + 1, R, d, device=u.device) for _ in saved] + [u, eta_bias.float(), alpha_bias.float()]
+    saved = [_tagged(torch.empty(N, n + 1, R, d, device=u.device)) for _ in range(2 if beta is not None else 1)]
+    saved += [u, eta_bias.float(), alpha_bias.float()]
     saved += [beta.float().t().contiguous()] if beta is not None else []
     shapes = ((N, T, d), (N, T, d), (N, T), (N, T), (N, R, d), (N, R, d))
     k, v, eta, alpha, Pn, Sn = _SavesLikeTriton.apply(shapes, len(saved), *saved, u)
@@ -215,6 +223,8 @@ def _trace_at(model_json: str, tp: int, T: int, bf16: bool, recompute_chunks: bo
                 return t
             if where[0] == "head":
                 kind = "logits" if t.dim() >= 2 and t.shape[-1] in (m.vocab_size, m.vocab_size // tp) else "head"
+            elif getattr(t, _STATE_TAG, False):
+                kind = "fast_weight_states"
             elif t.dim() >= 3 and tuple(t.shape[-2:]) in chunks:
                 kind = "intra_chunk"
             elif t.dim() >= 3 and tuple(t.shape[-2:]) in shapes and t.shape[-2] * t.shape[-1] > m.d_model // m.n_heads:
@@ -317,6 +327,7 @@ def estimate(cfg, layout: Layout, stage: int = 0, seq_len: int = 0, packing: flo
       alive) and one block's recompute (its saved tensors); plus the head and the fp32 logits on the last
       stage; the memory path is the one ``device`` runs (:func:`memory_path`). ``packing``: the packed-document blow-up of the sequence length (re-laid documents;
       1 + (alignment - 1) / mean document length on average);
+    - zero_buffers: DeepSpeed's ZeRO gradient buckets (:func:`_zero_buffers`);
     - transient: the backward's largest temporaries on the last stage: the gradients of the fp32
       log-probabilities and of the logits, alive together in the softmax's backward (2 x logits).
     """
@@ -352,8 +363,22 @@ def estimate(cfg, layout: Layout, stage: int = 0, seq_len: int = 0, packing: flo
                                                        else layers * in_flight),
            "logits": head,
            "transient": transient}
-    out["total"] = out["weights"] + out["grads"] + out["optimizer"] + kept + head + out["transient"]
+    out["zero_buffers"] = _zero_buffers(cfg, layout) * (2 if bf16 else 4)
+    out["total"] = (out["weights"] + out["grads"] + out["optimizer"] + kept + head + out["transient"]
+                    + out["zero_buffers"])
     return out
+
+
+def _zero_buffers(cfg, layout: Layout) -> float:
+    """Elements of DeepSpeed's ZeRO gradient buckets, allocated at their configured size whatever the
+    model's (``reduce_bucket_size``, 5e8 by default): one under stages 1 and 2, two under stage 3
+    (measured by bench/memory.py: +1.9 GB fp32 each on a 1M-parameter model)."""
+    if layout.zero_stage == 0:
+        return 0.0
+    from nl_pretrain.parallel.parallelize import deepspeed_config
+    zero = deepspeed_config(cfg, layout)["zero_optimization"]
+    bucket = float(zero.get("reduce_bucket_size", 5e8))
+    return bucket * (2 if layout.zero_stage == 3 else 1)
 
 
 # -- measurement ----------------------------------------------------------------------------------------
@@ -411,7 +436,7 @@ def held_bytes(*roots) -> int:
         if isinstance(x, torch.Tensor):
             st = x.untyped_storage()
             seen[st.data_ptr()] = st.nbytes()
-            if x.grad is not None:
+            if x.is_leaf and x.grad is not None:
                 visit(x.grad)
         elif isinstance(x, torch.nn.Module):
             for p in x.parameters():

@@ -156,11 +156,7 @@ def plan(cfg, cluster: Cluster, seq_len: int, global_batch: int, device: str = "
     from nl_pretrain.cli import count_parameters
     params = sum(count_parameters(cfg.model).values())
     fits, rejected = [], []
-    found = candidates(cfg, cluster.gpus, cluster.gpus_per_node, global_batch)
-    if not found:
-        raise ConfigError(f"--global-batch ({global_batch}) admits no layout on {cluster.gpus} GPUs (it must be "
-                          f"a multiple of the data-parallel size); use a multiple of {cluster.gpus}")
-    for c in found:
+    for c in candidates(cfg, cluster.gpus, cluster.gpus_per_node, global_batch):
         lc = _layout_cfg(cfg, c)
         try:
             check_layout(lc, cluster.gpus, global_batch)
