@@ -3,15 +3,14 @@ meta device (nothing allocated), and one 7B-width HOPE layer forward + backward 
 
 The per-rank counts are what a rank materialises (nl_pretrain/parallel/materialize.py: its stage's
 modules; nl_pretrain/parallel/tensor.py: shard_plan slices), checked against a closed form written
-from the preset's dimensions and against the dry run's per-stage counts.
+from the preset's dimensions, the dry run's per-stage counts and the planner's (``nl-pretrain plan``).
 """
-import importlib.util
-
 import pytest
 import torch
 
 from nl_pretrain.config import build_config
 from nl_pretrain.model import LanguageModel
+from nl_pretrain.parallel import plan
 from nl_pretrain.parallel.dryrun import stage_parameters
 from nl_pretrain.parallel.materialize import held_roots, holds, materialize_held
 from nl_pretrain.parallel.tensor import shard_plan
@@ -71,10 +70,7 @@ def test_per_rank_parameters_under_tp8_pp4(preset):
     assert counts == closed_form(cfg.model, TP, PP)
     layout = check_layout(cfg, TP * PP)
     assert counts == stage_parameters(cfg, layout)
-    if importlib.util.find_spec("nl_pretrain.parallel.plan") is not None:
-        from nl_pretrain.parallel import plan
-        if hasattr(plan, "rank_parameters"):
-            assert counts == plan.rank_parameters(cfg, layout)
+    assert counts == plan.rank_parameters(cfg, layout)       # the planner (nl-pretrain plan)
     total = sum(p.numel() for p in model.parameters())
     # the shards cover the model: TP ranks x stages (minus the replicated norms counted TP times)
     assert TP * sum(counts.values()) > total > sum(counts.values())
