@@ -74,7 +74,7 @@ def initial_value(model: nn.Module, name: str, seed: int, shape: Optional[torch.
     owner, leaf = _module(model, parts[:-1]), parts[-1]
     shape = tuple(shape if shape is not None else getattr(owner, leaf).shape)
     gen = torch.Generator().manual_seed(parameter_seed(seed, name))
-    normal = lambda std: torch.randn(shape, generator=gen) * std  # noqa: E731
+    normal = lambda std: torch.randn(shape, generator=gen).mul_(std)  # noqa: E731  (in place: one full copy)
     cfg = model.cfg
     if isinstance(owner, nn.ParameterList):                          # MemoryInit.weights.<i>
         mem = _module(model, parts[:-2])

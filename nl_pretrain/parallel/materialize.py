@@ -68,7 +68,10 @@ def materialize_held(model: nn.Module, roots: List[str], device: torch.device) -
             if p.is_meta and keep(name):
                 new = nn.Parameter(initial_value(model, name, model.init_seed, p.shape).to(p.dtype),
                                    requires_grad=p.requires_grad)
-                setattr(mod, leaf, new) if not leaf.isdigit() else mod.__setitem__(int(leaf), new)
+                if leaf.isdigit():                       # a ParameterList entry
+                    mod[int(leaf)] = new
+                else:
+                    setattr(mod, leaf, new)
     for r in roots:
         owner = model
         for part in r.split("."):
