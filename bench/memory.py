@@ -5,10 +5,12 @@
 Measured: one training step (forward, backward, AdamW step) after a warm-up step, PyTorch memory
 path, fp32: in one process (the first rows), or on every rank of a real 2-rank DeepSpeed job over
 gloo (TP / PP / ZeRO rows; the largest rank is reported, on the built-in byte corpus with its
-packed documents). The peak is the bytes held before the step (one process: every storage of the
-model and the optimizer; distributed: every tensor the Python heap reaches, engine buffers
-included; floating-point tensors only: the corpus's token ids stay on the host) plus the peak of the storages created during the step, seen by a dispatch mode and a
-weak reference on each storage (:class:`nl_pretrain.parallel.memory_model.LiveBytes`): exact bytes
+packed documents). The peak is the largest sum, during the step, of the storages alive: those
+held at its start (one process: every storage of the model and the optimizer; distributed: every
+floating-point tensor the Python heap reaches, engine buffers included; the corpus's token ids stay
+on the host) and those created during it, each counted until it is freed: a dispatch mode sees
+every storage an operator creates, a weak reference on each storage sees it released
+(:class:`nl_pretrain.parallel.memory_model.LiveBytes`): exact bytes
 of live tensors, not RSS. Estimated: :func:`nl_pretrain.parallel.memory_model.estimate` for the
 same config and layout (distributed rows: for the measured rank's stage, with the packing blow-up
 of its batch). ``--long-context``: HOPE at a tiny width from 2K to 32K tokens, activation bytes
@@ -85,9 +87,9 @@ def measure(cfg) -> dict:
     step()
     before = held_bytes(model, opt)
     t0 = time.perf_counter()
-    with LiveBytes() as live:
+    with LiveBytes().hold(model, opt) as live:
         kept = step(live)
-    return {"peak": before + live.peak, "held_before": before, "kept_after_forward": kept,
+    return {"peak": live.peak, "held_before": before, "kept_after_forward": kept,
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -109,13 +111,11 @@ DISTRIBUTED = {   # name: (world size, overrides); real DeepSpeed engines over g
 }
 
 
-def _all_tensor_bytes(extra=()) -> int:
-    """Distinct storages of every floating-point tensor the Python heap reaches (engine buffers,
-    optimizer state, weights and their gradients; not the corpus's token ids, which stay on the host)."""
+def _heap_tensors() -> list:
+    """Every floating-point tensor the Python heap reaches (engine buffers, optimizer state, weights
+    and their gradients; not the corpus's token ids, which stay on the host)."""
     import gc
-    from nl_pretrain.parallel.memory_model import held_bytes
-    found = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.is_floating_point()]
-    return held_bytes(found, *extra)
+    return [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.is_floating_point()]
 
 
 def _rank_measure(overrides):
@@ -132,10 +132,13 @@ def _rank_measure(overrides):
     batches = [next(data) for _ in range(cfg.train.grad_accum)]
     align = alignment(trainer.model.blocks)
     packing = max(Documents(b["doc_ids"], align).length for b in batches) / cfg.data.seq_len
-    before = _all_tensor_bytes([trainer.model, trainer.engine.module])
-    with LiveBytes() as live:
+    from nl_pretrain.parallel.memory_model import held_bytes
+    roots = [_heap_tensors(), trainer.model, trainer.engine.module]
+    before = held_bytes(*roots)
+    with LiveBytes().hold(*roots) as live:
+        del roots
         trainer.train_step(1, batches)
-    return {"peak": before + live.peak, "held_before": before, "packing": packing,
+    return {"peak": live.peak, "held_before": before, "packing": packing,
             "stage": trainer.pp_rank}
 
 
@@ -175,10 +178,12 @@ def long_context(lengths, recompute: bool) -> dict:
             loss = model.loss(ids, ids)
             kept = live.current
             loss.backward()
+        from nl_pretrain.parallel.memory_model import activation_profile
+        est = sum(activation_profile(cfg.model, 1, T).values())      # saved by the block and the loss
         out[T] = {"kept_after_forward": kept, "peak": live.peak, "bytes_per_token": kept / T,
-                  "seconds": round(time.perf_counter() - t0, 1)}
+                  "estimate_kept": est, "seconds": round(time.perf_counter() - t0, 1)}
         print(f"  T={T:6d} recompute={recompute!s:5s} kept {kept / MIB:9.1f} MiB ({kept / T:8.0f} B/token), "
-              f"peak {live.peak / MIB:9.1f} MiB, {out[T]['seconds']} s", flush=True)
+              f"estimate {est / MIB:9.1f} MiB, peak {live.peak / MIB:9.1f} MiB, {out[T]['seconds']} s", flush=True)
     return out
 
 
@@ -215,6 +220,9 @@ def main() -> None:
         layout = check_layout(cfg, world)
         t0 = time.perf_counter()
         ranks = measure_distributed(world, ov)
+        for r in ranks:                       # every rank against the estimate for its own stage
+            r["estimate"] = estimate(cfg, layout, r["stage"], packing=r["packing"], device="cpu")["total"]
+            r["ratio"] = r["estimate"] / r["peak"]
         worst = max(ranks, key=lambda r: r["peak"])
         est = estimate(cfg, layout, worst["stage"], packing=worst["packing"], device="cpu")
         rows[name] = {"overrides": ov, "world": world, "measured": worst["peak"], "estimate": est["total"],

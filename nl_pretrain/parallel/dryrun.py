@@ -46,7 +46,7 @@ def dry_run_report(cfg, world_size: int, global_batch: Optional[int] = None, gpu
     worst = max(mems, key=lambda s: mems[s]["total"])
     mem = mems[worst]
     parts = ", ".join(f"{k} {mem[k] / GIB:.3f}" for k in ("weights", "grads", "optimizer", "activations", "logits",
-                                                           "transient"))
+                                                           "transient", "zero_buffers", "pipe_buffers"))
     lines.append(f"largest rank (stage {worst}), GiB: {parts} (activations include fast-weight states "
                  f"{mem['fast_weight_states'] / GIB:.3f} and intra-chunk matrices {mem['intra_chunk'] / GIB:.3f}); "
                  f"total {mem['total'] / GIB:.3f}")

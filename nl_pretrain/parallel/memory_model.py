@@ -327,7 +327,8 @@ def estimate(cfg, layout: Layout, stage: int = 0, seq_len: int = 0, packing: flo
       alive) and one block's recompute (its saved tensors); plus the head and the fp32 logits on the last
       stage; the memory path is the one ``device`` runs (:func:`memory_path`). ``packing``: the packed-document blow-up of the sequence length (re-laid documents;
       1 + (alignment - 1) / mean document length on average);
-    - zero_buffers: DeepSpeed's ZeRO gradient buckets (:func:`_zero_buffers`);
+    - zero_buffers: DeepSpeed's ZeRO gradient buckets (:func:`_zero_buffers`); pipe_buffers: the
+      last pipeline stage's logits held in DeepSpeed's two pipe buffers;
     - transient: the backward's largest temporaries on the last stage: the gradients of the fp32
       log-probabilities and of the logits, alive together in the softmax's backward (2 x logits).
     """
@@ -346,6 +347,9 @@ def estimate(cfg, layout: Layout, stage: int = 0, seq_len: int = 0, packing: flo
     last = stage == layout.pp - 1
     head = (prof["head"] + prof["logits"]) * B if last else 0.0
     transient = 2 * prof["logits"] * B if last else 0.0
+    # DeepSpeed's pipeline keeps the last stage's outputs (the fp32 logits) in its two pipe buffers until
+    # they are overwritten by later micro-batches (it clears them only on the other stages)
+    pipe_buffers = 2 * prof["logits"] * B if (last and layout.pp > 1) else 0.0
     if cfg.parallel.activation_checkpointing:
         # the larger of: the start of the backward (block inputs, head, logit gradients) and one block
         # recomputed later (block inputs and that block's saved tensors; the head is freed by then)
@@ -364,8 +368,9 @@ def estimate(cfg, layout: Layout, stage: int = 0, seq_len: int = 0, packing: flo
            "logits": head,
            "transient": transient}
     out["zero_buffers"] = _zero_buffers(cfg, layout) * (2 if bf16 else 4)
+    out["pipe_buffers"] = pipe_buffers
     out["total"] = (out["weights"] + out["grads"] + out["optimizer"] + kept + head + out["transient"]
-                    + out["zero_buffers"])
+                    + out["zero_buffers"] + pipe_buffers)
     return out
 
 
@@ -385,7 +390,7 @@ def _zero_buffers(cfg, layout: Layout) -> float:
 class LiveBytes:
     """Peak bytes of tensor storage alive inside ``with`` (CPU or any device), measured exactly: a
     dispatch mode sees every storage an operator creates, a weak reference sees it freed. Storages
-    that existed before (weights, optimizer state) are not counted: add them (:func:`held_bytes`)."""
+    that existed before (weights, optimizer state) count once given to :meth:`hold`."""
 
     def __init__(self):
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -419,6 +424,18 @@ class LiveBytes:
         if self.live.pop(key, None) is not None:
             self.current -= n
 
+    def hold(self, *roots) -> "LiveBytes":
+        """Count the storages of ``roots`` (see :func:`held_bytes`) as live from now on, and their
+        release when it happens (a buffer replaced during the step frees its old storage)."""
+        import weakref
+        for key, st in _storages(roots).items():
+            if key not in self.live and st.nbytes():
+                self.live[key] = st.nbytes()
+                self.current += st.nbytes()
+                weakref.finalize(st, self._free, key, st.nbytes())
+        self.peak = max(self.peak, self.current)
+        return self
+
     def __enter__(self):
         self._mode.__enter__()
         return self
@@ -430,12 +447,16 @@ class LiveBytes:
 def held_bytes(*roots) -> int:
     """Bytes of the distinct storages of every tensor found in ``roots`` (modules, optimizers, dicts,
     lists, tensors), counted once each."""
-    seen: Dict[int, int] = {}
+    return sum(st.nbytes() for st in _storages(roots).values())
+
+
+def _storages(roots) -> Dict[int, "torch.UntypedStorage"]:
+    seen: Dict[int, torch.UntypedStorage] = {}
 
     def visit(x):
         if isinstance(x, torch.Tensor):
             st = x.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
+            seen[st.data_ptr()] = st
             if x.is_leaf and x.grad is not None:
                 visit(x.grad)
         elif isinstance(x, torch.nn.Module):
@@ -454,4 +475,4 @@ def held_bytes(*roots) -> int:
                 visit(v)
     for r in roots:
         visit(r)
-    return sum(seen.values())
+    return seen
