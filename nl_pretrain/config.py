@@ -107,6 +107,8 @@ class ModelConfig:
     # of x), and retention (false: alpha_t = 1 in every memory, i.e. no weight decay)
     projection_memories: List[str] = field(default_factory=lambda: ["k", "v", "eta", "alpha"])
     retention: bool = True
+    # static values l2-normalised, v_t / |v_t| (Titans: its MLP memory diverged on raw values; "Stability")
+    value_norm: bool = False
     # PyTorch memory path: keep only chunk-start states for the backward and recompute inside each chunk
     # (long context when memory is tight; docs/PARALLEL.md "Long context"; the Triton kernels always do)
     recompute_chunks: bool = False

@@ -29,9 +29,10 @@ FAMILIES = {
                  rule="gd", inner_loss="l2", linear_grad="running", momentum=True),
     "hope_attention": dict(),
     "transformer": dict(),
-    # Titans LMM: static projections, plain targets, gd, MLP memory, momentum, decay.
+    # Titans LMM: static projections, plain targets, gd, MLP memory, momentum, decay; unit values
+    # (raw values drove its MLP memory to overflow inside a sequence; docs/MODEL.md, "Stability").
     "titans": dict(adaptive_projections=False, self_targets=False, main_memory="mlp", rule="gd",
-                   inner_loss="l2", momentum=True),
+                   inner_loss="l2", momentum=True, value_norm=True),
     # Gated DeltaNet: static projections, plain targets, gd + running gradient on a linear memory
     # (= the gated delta rule), no momentum, no continuum levels (one ordinary SwiGLU MLP).
     "gated_deltanet": dict(adaptive_projections=False, self_targets=False, main_memory="linear", rule="gd",
@@ -68,18 +69,62 @@ def preset_names():
     return [f"{f}-{s}" for f in FAMILIES for s in SIZES]
 
 
+# Table 6 switches as preset suffixes, ``hope-tiny+no_momentum+static_k`` (docs/MODEL.md D21): each is a
+# set of config keys applied after the preset (keys given next to the preset still override them).
+ABLATIONS = {
+    "dgd": "rule=dgd: the paper's Eq. 88 (our presets run plain gd, the Table 6 'w/o DGD' row; D3)",
+    "no_momentum": "momentum=false: S_t is the plain gradient step (= momentum with beta = 0)",
+    "no_retention": "retention=false: alpha_t = 1 in every memory (Table 6 'w/o weight decay')",
+    "no_cms": "the CMS chain replaced by one ordinary SwiGLU MLP of Transformer++'s width for the size",
+    "static_k": "k from a static projection of x (no adaptive k memory)",
+    "static_v": "v from a static projection of x (no adaptive v memory)",
+    "adaptive_q": "q read from an adaptive q memory (the paper's text keeps q static)",
+}
+_NEEDS = {"dgd": "smt", "no_momentum": "memory", "no_retention": "memory", "no_cms": "cms",
+          "static_k": "adaptive", "static_v": "adaptive", "adaptive_q": "adaptive"}
+
+
+def _ablate(out: Dict[str, Any], switch: str, family: str, size: str, name: str) -> None:
+    if switch not in ABLATIONS:
+        raise ValueError(f"unknown switch '+{switch}' in preset '{name}'; choose from: "
+                         f"{', '.join('+' + a for a in ABLATIONS)}")
+    need = _NEEDS[switch]
+    ok = {"smt": family not in ("transformer", "hope_attention"), "memory": family != "transformer",
+          "cms": family in ("hope", "hope_attention"), "adaptive": bool(out.get("adaptive_projections", True))}[need]
+    if not ok:
+        raise ValueError(f"preset '{name}': +{switch} does not apply to the {family} family "
+                         f"({ABLATIONS[switch]})")
+    mems = list(out.get("projection_memories", ["k", "v", "eta", "alpha"]))
+    if switch == "dgd":
+        out["rule"] = "dgd"
+    elif switch == "no_momentum":
+        out["momentum"] = False
+    elif switch == "no_retention":
+        out["retention"] = False
+    elif switch == "no_cms":
+        out["cms"] = [dict(kind="step", period=1, expansion=STEP_EXPANSION["transformer"][size])]
+    elif switch in ("static_k", "static_v"):
+        out["projection_memories"] = [m for m in mems if m != switch[-1]]
+    elif switch == "adaptive_q":
+        out["projection_memories"] = ["q"] + [m for m in mems if m != "q"]
+
+
 def preset_model_dict(name: str) -> Dict[str, Any]:
-    family, _, size = name.rpartition("-")
+    base, *switches = name.split("+")
+    family, _, size = base.rpartition("-")
     if family not in FAMILIES or size not in SIZES:
-        raise ValueError(f"unknown preset '{name}'; choose one of: {', '.join(preset_names())}")
+        raise ValueError(f"unknown preset '{name}'; choose one of: {', '.join(preset_names())} "
+                         f"(optionally with Table 6 switches: {', '.join('+' + a for a in ABLATIONS)})")
     layers, d, heads, vocab, seq, _, _ = SIZES[size]
     chunk = 16 if size == "tiny" else 64
     out = dict(preset=name, family=family, vocab_size=vocab, d_model=d, n_layers=layers, n_heads=heads,
                max_seq_len=seq, tie_embeddings=TIED[size], chunk_mem=chunk, chunk_proj=chunk,
                cms=_cms(family, size, chunk))
     out.update(FAMILIES[family])
+    for switch in switches:
+        _ablate(out, switch, family, size, name)
     return out
 
 
 def preset_lr(name: str) -> float:
-    return SIZES[name.rpartition("-")[2]][5]
+    return SIZES[name.split("+")[0].rpartition("-")[2]][5]

@@ -72,7 +72,8 @@ class SelfModifyingTitans(nn.Module):
                 setattr(self, "w_" + m, nn.Linear(d, H, bias=False))
         # static per-head biases of the eta / alpha outputs (retention starts close to 1)
         self.eta_bias = nn.Parameter(torch.full((H,), ETA_BIAS_INIT))
-        self.alpha_bias = nn.Parameter(torch.full((H,), ALPHA_BIAS_INIT))
+        if cfg.retention:
+            self.alpha_bias = nn.Parameter(torch.full((H,), ALPHA_BIAS_INIT))
         self.main_init = MemoryInit(cfg.main_memory, H, dh, dh, cfg.memory_expansion, identity=False)
         n_mem = len(self.proj_memories) + 1
         # momentum beta in (0, 1): a learned scalar per head and per memory (order: proj_memories, mem)
@@ -114,7 +115,8 @@ class SelfModifyingTitans(nn.Module):
         if "k" in self.static:
             out["k"] = l2norm(to_rows(F.silu(self._conv("k", self.w_k(x), docs, carry)), H))
         if "v" in self.static:
-            out["v"] = to_rows(F.silu(self._conv("v", self.w_v(x), docs, carry)), H)
+            v = to_rows(F.silu(self._conv("v", self.w_v(x), docs, carry)), H)
+            out["v"] = l2norm(v) if self.cfg.value_norm else v   # unit values (docs/MODEL.md, "Stability")
         if "eta" in self.static:
             out["eta"] = self.gate_eta(to_rows(self.w_eta(x), H)[..., 0], B)
         if "alpha" in self.static:

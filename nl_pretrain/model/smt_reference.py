@@ -13,7 +13,6 @@ import torch
 from kernels.memory import memory_read
 from kernels.memory.naive import inner_grad, write
 from nl_pretrain.model.layers import l2norm
-from nl_pretrain.model.smt import PROJ_MEMORIES
 
 
 def _one(spec, state, z):
@@ -25,34 +24,34 @@ def smt_sequential(layer, x: torch.Tensor) -> torch.Tensor:
     cfg = layer.cfg
     states, moms = layer.initial(B)
     betas = layer.betas(B)
-    q = layer.queries(x)
-    inp = layer.inputs(x)
+    fixed = layer.static_inputs(x)                      # static projections (all of them for Titans / GDN)
+    if "q" in layer.static:
+        fixed["q"] = layer.queries(x)
+    u = layer.inputs(x) if layer.adaptive else None
     ref = {}
     outs = []
     for t in range(T):
+        p = {n: z[:, t] for n, z in fixed.items()}
         if layer.adaptive:
             if t % cfg.chunk_proj == 0:
-                ref.update({m: states[m] for m in PROJ_MEMORIES})
-            u = inp[:, t]
+                ref.update({m: states[m] for m in layer.proj_memories})
             spec = layer.proj_spec
-            k = _one(spec, ref["k"], u)
-            k = l2norm(k)
-            v = _one(spec, ref["v"], u)
-            eta = layer.gate_eta(_one(spec, ref["eta"], u), B)[:, 0]
-            alpha = layer.gate_alpha(_one(spec, ref["alpha"], u), B)[:, 0]
-            for i, m in enumerate(PROJ_MEMORIES):
-                vhat = _one(spec, ref[m], l2norm(v)) if cfg.self_targets else v
+            for m in layer.proj_memories:                # reads at the chunk-start state
+                r = _one(spec, ref[m], u[:, t])
+                p[m] = (l2norm(r) if m in ("q", "k") else layer.gate_eta(r, B)[:, 0] if m == "eta"
+                        else layer.gate_alpha(r, B)[:, 0] if m == "alpha" else r)
+            for i, m in enumerate(layer.proj_memories):
+                vhat = _one(spec, ref[m], l2norm(p["v"])) if cfg.self_targets else p["v"]
                 at = states[m] if spec.grad_at == "running" else ref[m]
-                step = inner_grad(spec, at, k, vhat)
+                step = inner_grad(spec, at, p["k"], vhat)
                 beta = betas[i] if cfg.momentum else None
-                eta_m = layer.chunk_eta(spec, eta, cfg.chunk_proj)
-                states[m], moms[m] = write(spec, states[m], moms[m], step, k, eta_m, alpha, beta)
-        else:
-            k, v, eta, alpha = (z[:, t] for z in inp)
+                eta_m = layer.chunk_eta(spec, p["eta"], cfg.chunk_proj)
+                states[m], moms[m] = write(spec, states[m], moms[m], step, p["k"], eta_m, p["alpha"], beta)
+        k, v, eta, alpha, q = (p[n] for n in ("k", "v", "eta", "alpha", "q"))
         spec = layer.main_spec
         if t % cfg.chunk_mem == 0:
             ref["mem"] = states["mem"]
-        outs.append(_one(spec, states["mem"], q[:, t]))          # read before the write
+        outs.append(_one(spec, states["mem"], q))          # read before the write
         vhat = _one(spec, ref["mem"], l2norm(v)) if cfg.self_targets else v
         at = states["mem"] if spec.grad_at == "running" else ref["mem"]
         step = inner_grad(spec, at, k, vhat)

@@ -2,6 +2,7 @@
 non-finite loss leads to (``train.on_nan``), and fault injection for the tests of it."""
 from __future__ import annotations
 
+import math
 import os
 import signal
 from pathlib import Path
@@ -27,17 +28,20 @@ def maybe_kill(step: int, rank: int, run_dir: Path) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def handle_nan(train_cfg, lr: float, step: int, loss: float, streak: int, rank: int) -> str:
+def handle_nan(train_cfg, lr: float, step: int, loss: float, streak: int, rank: int, where: str = None) -> str:
     """What a non-finite step leads to under the train section's ``on_nan``: ``skip`` | ``rollback``,
-    or a FloatingPointError (stop). ``lr``: the configured learning rate, named in the error."""
+    or a FloatingPointError (stop). ``lr``: the configured learning rate, named in the error.
+    ``where``: the diagnosis of :func:`nl_pretrain.train.diagnostics.explain`, printed on its own line."""
     policy = train_cfg.on_nan
+    what = f"loss is {loss}" if not math.isfinite(loss) else f"a gradient is non-finite (loss {loss})"
+    detail = f"\n  {where}" if where else ""
     if policy == "stop" or streak > train_cfg.max_nan_steps:
         why = (f"{streak} non-finite steps in a row (train.max_nan_steps={train_cfg.max_nan_steps})"
                if policy != "stop" else "train.on_nan=stop")
-        raise FloatingPointError(f"loss is {loss} at step {step}: {why}; lower --optim.lr (now {lr}), "
-                                 f"check the data, or resume from a checkpoint with --train.resume=auto")
+        raise FloatingPointError(f"{what} at step {step}: {why}; lower --optim.lr (now {lr}), "
+                                 f"check the data, or resume from a checkpoint with --train.resume=auto{detail}")
     if rank == 0:
         action = ("step skipped (weights, optimizer and CMS accumulators unchanged)" if policy == "skip"
                   else "rolling back to the latest checkpoint; the batches since are skipped")
-        print(f"warning: loss is {loss} at step {step}: {action}", flush=True)
+        print(f"warning: {what} at step {step}: {action}{detail}", flush=True)
     return policy

@@ -172,6 +172,7 @@ def evaluate(module, make_val, n_batches: int) -> dict:
 def fit(cfg: RunConfig, module) -> dict:
     """Train ``module`` (a train module, see :mod:`nl_pretrain.train.module`) for ``cfg.train.steps``."""
     from nl_pretrain.checkpoint.manager import Checkpointer
+    from nl_pretrain.train.diagnostics import explain
     from nl_pretrain.train.faults import handle_nan, maybe_kill
     from nl_pretrain.train.rundir import write_text_atomic
     t = cfg.train
@@ -218,10 +219,12 @@ def fit(cfg: RunConfig, module) -> dict:
     while step < t.steps:
         maybe_kill(step, module.rank, run_dir)
         lr = lr_at(step, cfg.optim, t.steps)
-        loss = module.train_step(step, [next(data.train) for _ in range(t.grad_accum)])
+        batches = [next(data.train) for _ in range(t.grad_accum)]
+        loss = module.train_step(step, batches)
         if not module.last_step_finite:               # agreed over every rank
             nan_streak += 1
-            if handle_nan(t, cfg.optim.lr, step, loss, nan_streak, module.rank) == "rollback":
+            where = explain(module, batches)          # a diagnostic re-run of this batch (only now)
+            if handle_nan(t, cfg.optim.lr, step, loss, nan_streak, module.rank, where) == "rollback":
                 ckpt.wait()
                 path = ckpt.find("auto")
                 if path is None:

@@ -30,6 +30,12 @@ from nl_pretrain.train.faults import fault_steps
 from nl_pretrain.train.loop import pick_device, seed_everything, set_threads
 
 
+def grads_finite(model: torch.nn.Module) -> bool:
+    """Every gradient of ``model`` is finite (one reduction, one host sync)."""
+    flags = [torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 class LocalModule:
     """The model and :class:`~nl_pretrain.optim.ModelOptimizer` (AdamW + CMS step levels) in one process."""
 
@@ -79,7 +85,9 @@ class LocalModule:
                 loss = loss * float("inf")
             (loss / len(micro_batches)).backward()
             total += float(loss.detach()) / len(micro_batches)
-        self.last_step_finite = math.isfinite(total)
+        # a finite loss can still have a non-finite gradient (an overflow in backward): such a step is
+        # not applied either (clipping by an inf/NaN norm would write NaN into every weight)
+        self.last_step_finite = math.isfinite(total) and grads_finite(self.model)
         self.last_grad_norm = self.opt.step(step, lr) if self.last_step_finite else None
         self.opt.zero_grad()                      # a non-finite step: nothing of it reaches the weights
         return total
