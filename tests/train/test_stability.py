@@ -1,0 +1,65 @@
+"""Stability (docs/MODEL.md, "Stability"): every family trains without a non-finite step at a setting
+that caught the Titans divergence of raw values, and a non-finite step names where it came from."""
+import math
+import re
+
+import pytest
+import torch
+
+from nl_pretrain.config import load_config
+from nl_pretrain.model import LanguageModel
+from nl_pretrain.train.diagnostics import diagnose
+from nl_pretrain.train.loop import fit
+from nl_pretrain.train.module import LocalModule
+
+SMALL = ["--model.d_model=32", "--model.n_heads=2", "--model.n_layers=2", "--model.vocab_size=300",
+         "--model.max_seq_len=32", "--data.dataset=", "--data.seq_len=32", "--data.max_documents=8",
+         "--data.val_fraction=0.2", "--train.micro_batch_size=2", "--train.progress=false",
+         "--train.eval_every=1000000", "--train.eval_batches=1", "--train.threads=1", "--train.log_every=1",
+         "--checkpoint.save_final=false", "--optim.warmup_steps=0"]
+
+
+def overflow_main_memory(model, block=1):
+    """Finite weights whose main-memory reads overflow float32 (|W1 silu(W2 q)| ~ 1e40)."""
+    with torch.no_grad():
+        for w in model.blocks[block].mixer.main_init.weights:
+            w.mul_(1e20)
+
+
+def test_diagnosis_names_the_memory_whose_state_overflowed():
+    cfg = load_config(None, ["--model.preset=titans-tiny", *SMALL])
+    torch.manual_seed(0)
+    model = LanguageModel(cfg.model)
+    batch = {"input_ids": torch.randint(0, 300, (2, 32)), "labels": torch.randint(0, 300, (2, 32)),
+             "doc_ids": torch.zeros(2, 32, dtype=torch.long)}
+    assert diagnose(model, batch) == "the re-run of this batch is finite (the non-finite value did not reproduce)"
+    overflow_main_memory(model)
+    line = diagnose(model, batch)
+    head = "first non-finite value: blocks.1.mixer main memory state norm; largest finite value before it: "
+    assert line.startswith(head), line
+    num = r"[0-9.e+-]+"
+    assert re.fullmatch(re.escape(head) + r"\S+ \S+( \S+)* max \|x\| " + num + r"; its inputs' max \|x\|: "
+                        + ", ".join(f"{q} {num}" for q in ("k", "v", "eta", "alpha", "beta", "q")), line), line
+    with torch.no_grad():
+        model.blocks[0].mixer.w_v.weight[0, 0] = math.inf
+    assert diagnose(model, batch) == ("first non-finite value: parameter blocks.0.mixer.w_v.weight (the weights "
+                                      "were already non-finite before this step)")
+
+
+def test_training_loop_warning_names_where(tmp_path, capsys):
+    """Through fit(): the skip warning carries the diagnosis; the stop error repeats it."""
+    cfg = load_config(None, ["--model.preset=titans-tiny", *SMALL, "--train.steps=3", "--train.max_nan_steps=1",
+                             f"--train.run_dir={tmp_path / 'run'}"])
+    module = LocalModule(cfg)
+    overflow_main_memory(module.model)
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    with pytest.raises(FloatingPointError) as err:
+        fit(cfg, module)
+    out = capsys.readouterr().out
+    warn = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert warn == ["warning: loss is nan at step 0: step skipped (weights, optimizer and CMS accumulators unchanged)"]
+    detail = out.splitlines()[out.splitlines().index(warn[0]) + 1]
+    assert detail.startswith("  first non-finite value: blocks.1.mixer main memory state norm; "), detail
+    assert str(err.value).startswith("loss is nan at step 1: 2 non-finite steps in a row (train.max_nan_steps=1)")
+    assert str(err.value).splitlines()[1].startswith("  first non-finite value: blocks.1.mixer main memory state norm; ")
+    assert all(torch.equal(before[k], v) for k, v in module.model.state_dict().items())   # nothing applied
