@@ -219,11 +219,6 @@ class NLOptimizer(torch.optim.Optimizer):
         for k in self.state_keys(group):
             st[k] = (rec[k] if k in rec else fresh[k]).to(device=key.device, dtype=key.dtype).clone()
 
-    def state_bytes(self) -> int:
-        """Bytes of optimizer state this rank keeps (every tensor but the step counters)."""
-        return sum(t.numel() * t.element_size() for st in self.state.values() for k, t in st.items()
-                   if k != "step" and torch.is_tensor(t))
-
     # ---------------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure=None):
