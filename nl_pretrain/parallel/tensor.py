@@ -96,8 +96,9 @@ class _Linear(nn.Module):
 
 
 def _slice(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+    """This rank's slice of ``t``: a view (copied into the parallel layer's own parameter)."""
     n = t.shape[dim] // size
-    return t.narrow(dim, rank * n, n).detach().clone()
+    return t.detach().narrow(dim, rank * n, n)
 
 
 def _mp_config():
@@ -174,7 +175,7 @@ def _shard_parameter(module: nn.Module, path: str, rank: int, size: int, full: t
     parent_path, _, leaf = path.rpartition(".")
     owner = _get(module, parent_path) if parent_path else module
     old = owner[int(leaf)] if leaf.isdigit() else getattr(owner, leaf)
-    new = nn.Parameter(_slice(full, 0, rank, size).to(old.dtype), requires_grad=old.requires_grad)
+    new = nn.Parameter(_slice(full, 0, rank, size).to(old.dtype, copy=True), requires_grad=old.requires_grad)
     set_tensor_model_parallel_attributes(new, True, 0, 1)
     if leaf.isdigit():
         owner[int(leaf)] = new
