@@ -5,8 +5,9 @@ megatron-core's ``model_parallel_cuda_manual_seed`` needs CUDA; this is the same
   tensor-parallel ranks of a stage, so dropout on replicated activations agrees across them;
 - :func:`tensor_parallel_rng` switches to a second stream seeded ``seed + 2718 + tp_rank``: use it for
   randomness inside a tensor-parallel region (dropout on sharded heads), which must differ per shard.
-Initialisation does not depend on either: every rank builds the full model from ``train.seed`` before
-it is sharded (:mod:`nl_pretrain.parallel.tensor`), so every shard equals the single-process slice.
+Initialisation does not depend on either: every parameter draws from its own generator seeded from
+the init seed and its name (:mod:`nl_pretrain.model.init`), so the shard a rank materialises
+(:mod:`nl_pretrain.parallel.materialize`) equals the single-process slice.
 """
 from __future__ import annotations
 
