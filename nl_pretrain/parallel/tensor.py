@@ -113,7 +113,7 @@ def _parallel_linear(lin: nn.Linear, style: str, rank: int, size: int, config, w
     """``weight``, ``bias``: the full tensors (the layer's own, or generated for a meta layer)."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     has_bias = lin.bias is not None
-    init = nn.init.zeros_                       # weights are copied from the full model below
+    init = nn.init.zeros_                       # the slices of the full tensors are copied in below
     if style == COLUMN:
         inner = ColumnParallelLinear(lin.in_features, lin.out_features, config=config, init_method=init,
                                      bias=has_bias, gather_output=False)
