@@ -61,7 +61,8 @@ def start_rank(tree: dict, mode: str) -> dict:
         model = LanguageModel(cfg.model)
     total = sum(p.numel() for p in model.parameters())
     par = parallelize(model, cfg, layout, torch.device("cpu"))
-    held = sum(p.numel() for _, p in {id(p): (n, p) for n, p in par.engine_named + par.slow.named_parameters()}.values())
+    unique = {id(p): p for _, p in par.engine_named + par.slow.named_parameters()}    # engine + slow levels
+    held = sum(p.numel() for p in unique.values())
     with open("/proc/self/statm") as f:                                     # resident pages now
         now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     return {"rss_before": before, "rss_peak": _peak_rss(), "rss_after": now, "held_params": held,
@@ -95,7 +96,8 @@ def main(argv=None) -> int:
     for r in rows:
         ip, ff = r["in_place"], r["full_first"]
         lines.append(f"| {r['ranks']} (TP{r['ranks']}) | {ip['held_params']:,} of {ip['model_params']:,} "
-                     f"({ip['held_params'] * 4 / MIB:,.0f}) | {ip['max_peak'] / MIB:,.0f} | {ip['max_peak'] / base:.2f}x | "
+                     f"({ip['held_params'] * 4 / MIB:,.0f}) | {ip['max_peak'] / MIB:,.0f} | "
+                     f"{ip['max_peak'] / base:.2f}x | "
                      f"{ip['max_after'] / MIB:,.0f} | {ff['max_peak'] / MIB:,.0f} | {r['ratio']:.2f}x | "
                      f"{ip['rank0_before'] / MIB:,.0f} |")
     table = "\n".join(lines)
