@@ -138,6 +138,8 @@ def preflight(cfg: RunConfig, world: Optional[int] = None, is_launched: Optional
     world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
     check_checkpoint_config(cfg)
     check_layout(cfg, world, launched() if is_launched is None else is_launched)
+    from nl_pretrain.config import resolve_token_periods     # CMS periods in tokens -> steps (or an error)
+    resolve_token_periods(cfg, max(1, world // (cfg.parallel.tensor * cfg.parallel.pipeline)))
     check_device(cfg)
     check_data(cfg)
     found = checkpoint_step(cfg)
