@@ -171,7 +171,8 @@ def plan(cfg, cluster: Cluster, seq_len: int, global_batch: int, device: str = "
         t = step_time(lc, c, cluster, seq_len, params)
         c.step_s, c.comm_bytes, c.times = t["total"], t["comm_bytes"], t
         if c.memory > cluster.gpu_memory_gib * GIB:
-            big = max(("weights", "grads", "optimizer", "activations"), key=lambda k: c.parts[k])
+            big = max(("weights", "grads", "optimizer", "activations", "logits", "zero_buffers", "pipe_buffers"),
+                      key=lambda k: c.parts[k])
             c.reason = (f"needs {c.memory / GIB:.1f} GiB per rank > {cluster.gpu_memory_gib:g} GiB "
                         f"(largest part: {big} {c.parts[big] / GIB:.1f} GiB, stage {worst})")
             rejected.append(c)
