@@ -10,7 +10,7 @@ import torch
 from harness import run_distributed
 from nl_pretrain.config import build_config
 from nl_pretrain.model import LanguageModel
-from workers import tiny_tree
+from workers import local_parameters, tiny_tree
 
 LAYOUTS = {      # name: tree (2 processes)
     "tp2-hope": tiny_tree("hope", tp=2),
@@ -18,6 +18,7 @@ LAYOUTS = {      # name: tree (2 processes)
     "tp2-gated_deltanet": tiny_tree("gated_deltanet", tp=2),      # linear main memory, static projections
     "pp2-transformer-untied": {**tiny_tree("transformer", pp=2, accum=2),
                                "model": {**tiny_tree("transformer")["model"], "tie_embeddings": False}},
+    "dp2-zero3-hope": tiny_tree("hope", zero=3),        # last: ZeRO-3 patches torch's linear layers process-wide
 }
 
 
@@ -31,7 +32,7 @@ def built_shards(trees):
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         trainer = DistributedTrainer(build_config(tree))
-        held = {n: p.detach().clone() for n, p in trainer.named_parameters()}
+        held = local_parameters(trainer)                 # ZeRO-3: its partitions gathered
         meta = [n for n, p in trainer.model.named_parameters() if p.is_meta]
         real = sum(p.numel() for p in trainer.model.parameters() if not p.is_meta)
         out.append({"params": held, "meta": meta, "real": real, "tp": trainer.tp_rank, "pp": trainer.pp_rank,
