@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from typing import List, Optional
 
 import torch
@@ -172,8 +173,9 @@ def diagnose(model: torch.nn.Module, batch: dict, device=None, autocast=None) ->
         tail = (f"; largest finite value before it: {largest[0]} {largest[1]} max |x| {_fmt(largest[2])}"
                 if largest is not None else "")
         # a memory's state/reads: name its inputs too (eta, alpha, |v| are what a user can act on)
+        memory = re.split(r" (?:input|state|momentum|reads)\b", bad[1])[0]
         inputs = [f"{r[1].rsplit(' ', 1)[-1]} {_fmt(r[2])}" for r in before
-                  if r[0] == bad[0] and " input " in r[1] and r[1].split(" input ")[0] == bad[1].rsplit(" ", 2)[0]]
+                  if r[0] == bad[0] and r[1].startswith(memory + " input ")]
         if inputs and " input " not in bad[1]:
             tail += f"; its inputs' max |x|: {', '.join(inputs)}"
         return f"first non-finite value: {bad[0]} {bad[1]}{tail}"
