@@ -1,6 +1,6 @@
 """Per-rank peak memory of a training step: the memory model's estimate against a measurement (CPU).
 
-    .venv/bin/python bench/memory.py [--only NAME ...] [--long-context]
+    .venv/bin/python bench/memory.py [--only NAME ...] [--long-context] [--triton]
 
 Measured: one training step (forward, backward, AdamW step) after a warm-up step, PyTorch memory
 path, fp32: in one process (the first rows), or on every rank of a real 2-rank DeepSpeed job over
@@ -14,12 +14,14 @@ every storage an operator creates, a weak reference on each storage sees it rele
 of live tensors, not RSS. Estimated: :func:`nl_pretrain.parallel.memory_model.estimate` for the
 same config and layout (distributed rows: for the measured rank's stage, with the packing blow-up
 of its batch). ``--long-context``: HOPE at a tiny width from 2K to 32K tokens, activation bytes
-(kept after the forward) per token, with and without ``model.recompute_chunks``.
+(kept after the forward) per token, with and without ``model.recompute_chunks``. ``--triton``: the
+Triton path's saved bytes per block, the real kernels (interpreter) against the model's stand-ins.
 Writes a table and bench/results/memory.json.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -187,17 +189,70 @@ def long_context(lengths, recompute: bool) -> dict:
     return out
 
 
+def _block_saved_bytes(model, T: int) -> int:
+    """Bytes of the distinct non-weight storages autograd saves in one block's forward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen, keep = {}, []
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+            keep.append(t)
+        return t
+    x = model.embed(torch.randint(0, model.cfg.vocab_size, (1, T))).detach().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.blocks[0](x)
+    return sum(seen.values())
+
+
+def triton_child() -> None:
+    """Inside ``TRITON_INTERPRET=1``: one block's saved bytes with the real Triton kernels against the
+    memory model's Triton stand-ins (JSON on stdout)."""
+    from nl_pretrain.config import load_config
+    from nl_pretrain.model import LanguageModel
+    from nl_pretrain.parallel.memory_model import activation_profile
+    out = {}
+    for fam in ("hope", "titans", "gated_deltanet"):
+        for T in (64, 128):
+            cfg = load_config(None, [f"--model.preset={fam}-tiny", "--model.memory_impl=triton", "--model.n_layers=1",
+                                     "--model.d_model=64", "--model.n_heads=2", "--model.vocab_size=256"])
+            torch.manual_seed(0)
+            real = _block_saved_bytes(LanguageModel(cfg.model), T)
+            prof = activation_profile(cfg.model, 1, T, impl="triton")
+            est = prof["per_token"] + prof["fast_weight_states"] + prof["intra_chunk"]
+            out[f"{fam} T={T}"] = {"kernels": real, "model": est, "ratio": est / real}
+    print(json.dumps(out))
+
+
+def triton_rows() -> dict:
+    import subprocess
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, __file__, "--triton-child"], env=env, capture_output=True, text=True,
+                          timeout=1800, check=True)
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, r in rows.items():
+        print(f"  triton {name:22s} kernels {r['kernels'] / MIB:8.3f} MiB  model {r['model'] / MIB:8.3f} MiB  "
+              f"ratio {r['ratio']:.4f}")
+    return rows
+
+
 LONG = ["--model.preset=hope-tiny", "--model.d_model=32", "--model.n_heads=2", "--model.n_layers=1",
         "--model.vocab_size=256", "--train.micro_batch_size=1"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", nargs="*", default=None, help="config names to run (default: all)")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="config names to run (default: all; none named: only --long-context / --triton)")
     ap.add_argument("--long-context", action="store_true", help="also the 2K-32K long-context table")
     ap.add_argument("--lengths", nargs="*", type=int, default=[2048, 4096, 8192, 16384, 32768])
+    ap.add_argument("--triton", action="store_true", help="also the Triton path: real kernels (interpreter) vs model")
+    ap.add_argument("--triton-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "memory.json"))
     args = ap.parse_args()
+    if args.triton_child:
+        return triton_child()
     torch.set_num_threads(1)
     from nl_pretrain.config import load_config
     rows = {}
@@ -236,6 +291,10 @@ def main() -> None:
               "method": "peak = storages held before the step + peak of storages created during it (dispatch "
                         "mode + weak references; exact tensor bytes, not RSS); PyTorch memory path, one process, fp32",
               "configs": rows}
+    if args.triton:
+        result["triton_path"] = {"method": "bytes one block saves for the backward (saved_tensors_hooks), the "
+                                           "real Triton kernels under TRITON_INTERPRET=1 vs the memory model's "
+                                           "stand-ins (d=64, 2 heads)", "rows": triton_rows()}
     if args.long_context:
         result["long_context"] = {"overrides": LONG, "off": long_context(args.lengths, False),
                                   "on": long_context(args.lengths, True)}

@@ -2,12 +2,8 @@
 from __future__ import annotations
 
 import gc
-import os
 
-import pytest
 import torch
-
-from kernels.testing import run_interpreter_cases
 
 from nl_pretrain.cli import main
 from nl_pretrain.config import load_config
@@ -104,40 +100,3 @@ def test_dry_run_verdict(capsys):
     out = capsys.readouterr().out
     assert "verdict: does NOT fit: peak" in out and "> 0.01 GiB per GPU" in out
 
-
-INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def saved_bytes_of_a_block(model) -> int:
-    """Bytes of the distinct non-weight storages autograd saves in one block's forward (real kernels)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-    x = model.embed(torch.randint(0, model.cfg.vocab_size, (1, 32))).detach().requires_grad_(True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.blocks[0](x)
-    return sum(seen.values())
-
-
-@pytest.mark.skipif(not INTERP, reason="interpreter case: runs in the subprocess of test_triton_path_is_the_kernels")
-@pytest.mark.parametrize("family", ["hope", "gated_deltanet"])
-def test_interp_triton_stand_ins_save_what_the_kernels_save(family):
-    """The memory model's Triton stand-ins against the real Triton kernels (interpreter): the bytes
-    one block keeps for the backward agree within 1%."""
-    cfg = load_config(None, [f"--model.preset={family}-tiny", "--model.memory_impl=triton", "--model.n_layers=1",
-                             "--model.d_model=32", "--model.n_heads=2", "--model.vocab_size=64"])
-    torch.manual_seed(0)
-    real = saved_bytes_of_a_block(LanguageModel(cfg.model))
-    prof = activation_profile(cfg.model, 1, 32, impl="triton")
-    model = prof["per_token"] + prof["fast_weight_states"] + prof["intra_chunk"]
-    assert abs(model / real - 1) < 0.01, (real, model)
-
-
-@pytest.mark.slow
-def test_triton_path_is_the_kernels():
-    run_interpreter_cases(__file__, 2)
