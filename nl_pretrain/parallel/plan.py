@@ -140,8 +140,26 @@ def step_time(cfg, c: Candidate, cluster: Cluster, seq_len: int, params: int) ->
             "comm_bytes": dp_bytes + tp_bytes + pp_bytes, "total": compute * (1 + bubble) + launch_s + comm}
 
 
-def plan(cfg, cluster: Cluster, seq_len: int, global_batch: int, device: str = "cuda"):
-    """``(fits best first, rejected with reasons)`` for ``cfg`` on ``cluster``."""
+def packing_factor(model_cfg, doc_length: float) -> float:
+    """Upper bound of the packed-document blow-up for documents of ``doc_length`` tokens on average:
+    each document starts at a multiple of the model's chunk alignment (the least common multiple of
+    its chunk sizes), so it grows by less than one alignment: ``1 + alignment / doc_length``."""
+    import math
+    if not doc_length:
+        return 1.0
+    sizes = [1]
+    if model_cfg.family not in ("transformer", "hope_attention"):      # the SMT mixer's chunks
+        sizes += [model_cfg.chunk_mem] + ([model_cfg.chunk_proj] if model_cfg.adaptive_projections else [])
+    sizes += [lvl.period for lvl in model_cfg.cms if lvl.kind == "context"]
+    align = 1
+    for x in sizes:
+        align = align * x // math.gcd(align, x)
+    return 1.0 + (align if align > 1 else 0) / doc_length
+
+
+def plan(cfg, cluster: Cluster, seq_len: int, global_batch: int, device: str = "cuda", doc_length: float = 0.0):
+    """``(fits best first, rejected with reasons)`` for ``cfg`` on ``cluster``; ``doc_length``: mean
+    packed-document length in tokens (0: one document per row, no blow-up)."""
     if cluster.gpus < 1 or cluster.gpus_per_node < 1:
         raise ConfigError(f"--gpus ({cluster.gpus}) and --gpus-per-node ({cluster.gpus_per_node}) must be >= 1")
     if cluster.gpu_memory_gib <= 0:
@@ -151,6 +169,9 @@ def plan(cfg, cluster: Cluster, seq_len: int, global_batch: int, device: str = "
                           f"raise --model.max_seq_len or shorten the sequence")
     if global_batch < 1:
         raise ConfigError(f"--global-batch ({global_batch}) must be >= 1 sequences")
+    if doc_length < 0:
+        raise ConfigError(f"--doc-length ({doc_length:g}) must be >= 0 tokens (0: documents fill their rows)")
+    packing = packing_factor(cfg.model, doc_length)
     cfg = copy.deepcopy(cfg)
     cfg.data.seq_len = seq_len
     from nl_pretrain.cli import count_parameters
@@ -165,7 +186,7 @@ def plan(cfg, cluster: Cluster, seq_len: int, global_batch: int, device: str = "
             rejected.append(c)
             continue
         layout = Layout(c.tp, c.pp, c.dp, c.zero, c.micro, c.accum)
-        per_stage = {s: estimate(lc, layout, s, device=device) for s in range(c.pp)}
+        per_stage = {s: estimate(lc, layout, s, packing=packing, device=device) for s in range(c.pp)}
         worst = max(per_stage, key=lambda s: per_stage[s]["total"])
         c.parts, c.memory = per_stage[worst], per_stage[worst]["total"]
         t = step_time(lc, c, cluster, seq_len, params)
@@ -183,12 +204,15 @@ def plan(cfg, cluster: Cluster, seq_len: int, global_batch: int, device: str = "
     return fits, rejected
 
 
-def report(cfg, cluster: Cluster, seq_len: int, global_batch: int, top: int = 10, show_rejected: int = 20) -> str:
-    fits, rejected = plan(cfg, cluster, seq_len, global_batch)
+def report(cfg, cluster: Cluster, seq_len: int, global_batch: int, top: int = 10, show_rejected: int = 20,
+           doc_length: float = 0.0) -> str:
+    fits, rejected = plan(cfg, cluster, seq_len, global_batch, doc_length=doc_length)
     m = cfg.model
     lines = [f"plan: {m.preset or m.family} ({m.n_layers} layers, d={m.d_model}), {cluster.gpus} GPUs x "
              f"{cluster.gpu_memory_gib:g} GiB ({cluster.gpus_per_node} per node), seq_len {seq_len}, global batch "
-             f"{global_batch} sequences, {cfg.train.precision}, optimizer {cfg.optim.name}",
+             f"{global_batch} sequences, {cfg.train.precision}, optimizer {cfg.optim.name}"
+             + (f", packed documents of ~{doc_length:g} tokens (blow-up <= {packing_factor(m, doc_length):.3f})"
+                if doc_length else ""),
              f"{len(fits)} layouts fit, {len(rejected)} rejected; step time = compute x (1 + bubble) + launches + "
              f"collectives at {cluster.mfu:g} x {cluster.peak_tflops:g} TFLOP/s, an estimate",
              f"{'#':>3} {'layout':58s} {'GiB/rank':>9} {'step s':>8} {'compute':>8} {'launch':>7} {'comm':>7} "
@@ -218,7 +242,8 @@ def cmd_plan(args) -> int:
     if args.precision:
         cfg.train.precision = args.precision
     cluster = Cluster(args.gpus, args.gpu_memory, args.gpus_per_node, args.peak_tflops, args.mfu)
-    print(report(cfg, cluster, args.seq_len or cfg.data.seq_len, args.global_batch, args.top, args.show_rejected))
+    print(report(cfg, cluster, args.seq_len or cfg.data.seq_len, args.global_batch, args.top, args.show_rejected,
+                 args.doc_length))
     return 0
 
 
@@ -234,6 +259,8 @@ def register(sub) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="default: train.precision")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 TFLOP/s per GPU (default H100: 989)")
     p.add_argument("--mfu", type=float, default=0.4, help="fraction of the peak the matmuls reach (default 0.4)")
+    p.add_argument("--doc-length", type=float, default=0.0,
+                   help="mean packed-document length in tokens: adds the re-laid rows' blow-up (default 0: none)")
     p.add_argument("--top", type=int, default=10, help="layouts that fit to list (0 = all)")
     p.add_argument("--show-rejected", type=int, default=20, help="rejected layouts to list (0 = all)")
     p.set_defaults(func=cmd_plan)

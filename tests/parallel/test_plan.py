@@ -6,7 +6,7 @@ import re
 from nl_pretrain.cli import main
 from nl_pretrain.config import load_config
 from nl_pretrain.parallel.memory_model import GIB, parameters_per_rank
-from nl_pretrain.parallel.plan import Cluster, plan, rank_parameters
+from nl_pretrain.parallel.plan import Cluster, packing_factor, plan, rank_parameters
 from nl_pretrain.parallel.topology import Layout
 
 
@@ -52,8 +52,26 @@ def test_bad_input_is_one_error_line(capsys):
              (["--gpus", "8", "--global-batch", "8", "--seq-len", "100000"],
               "error: --seq-len (100000) must be in [1, model.max_seq_len=256]; raise --model.max_seq_len or "
               "shorten the sequence"),
-             (["--gpus", "8", "--global-batch", "0"], "error: --global-batch (0) must be >= 1 sequences")]
+             (["--gpus", "8", "--global-batch", "0"], "error: --global-batch (0) must be >= 1 sequences"),
+             (["--gpus", "8", "--global-batch", "8", "--doc-length", "-1"],
+              "error: --doc-length (-1) must be >= 0 tokens (0: documents fill their rows)")]
     for args, line in cases:
         assert main(["plan", "--model.preset=hope-tiny"] + args) == 2
         err = capsys.readouterr().err
         assert err.strip() == line, err
+
+
+def test_packing_factor_is_the_alignment_bound():
+    """Re-laid packed documents grow by less than one chunk alignment each: HOPE-tiny aligns to 16
+    tokens (chunks and the context level), Hope-Attention to its context level's 16, Transformer++ to 1."""
+    for preset, bound in (("hope-tiny", 1.16), ("hope_attention-tiny", 1.16), ("transformer-tiny", 1.0)):
+        m = load_config(None, [f"--model.preset={preset}"]).model
+        assert packing_factor(m, 100) == bound and packing_factor(m, 0) == 1.0
+    from nl_pretrain.model import LanguageModel
+    from nl_pretrain.model.packing import alignment
+    import torch
+    for preset in ("hope-tiny", "hope_attention-tiny", "titans-tiny"):
+        m = load_config(None, [f"--model.preset={preset}"]).model
+        with torch.device("meta"):
+            blocks = LanguageModel(m).blocks
+        assert packing_factor(m, 1) == 1 + (alignment(blocks) if alignment(blocks) > 1 else 0), preset
