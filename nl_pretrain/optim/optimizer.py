@@ -46,10 +46,15 @@ def auto_phases(periods: List[int]) -> List[int]:
 NO_DECAY = ("init", "embed", "out_norm", "beta_logit")
 
 
+def _shape(p) -> tuple:
+    """A parameter's shape, also when ZeRO-3 has already partitioned it (its data then empty)."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
 def _param_groups(params: List[tuple], weight_decay: float, lr_scale: float = 1.0) -> List[dict]:
     # decay matrices of linear maps only: not learned initial states, embeddings, or the per-head
     # (2-D but norm- or gate-like) out_norm and beta_logit
-    decay = [p for n, p in params if p.ndim >= 2 and not any(s in n for s in NO_DECAY)]
+    decay = [p for n, p in params if len(_shape(p)) >= 2 and not any(s in n for s in NO_DECAY)]
     ids = {id(p) for p in decay}
     rest = [p for n, p in params if id(p) not in ids]
     groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": lr_scale},
@@ -65,7 +70,7 @@ def param_role(name: str, p, optim_name: str) -> str:
     biases, learned initial states, per-head norm/gate tables and every tensor that is not 2-D."""
     if optim_name == "adamw":
         return "adamw"
-    if p.ndim == 2 and not any(s in name for s in MATRIX_EXCLUDE):
+    if len(_shape(p)) == 2 and not any(s in name for s in MATRIX_EXCLUDE):
         return "matrix"
     return "adamw"
 
@@ -97,12 +102,12 @@ def optimizer_groups(named: List[tuple], cfg, lr_scale: float = 1.0, rule: str =
                                                            cfg.weight_decay, lr_scale)]
     for n, p in mats:
         dim = _tp_dim(p)
-        full = list(p.shape)
+        full = list(_shape(p))
         if dim is not None:
             from nl_pretrain.parallel.tensor import tensor_parallel_size
             full[dim] *= tensor_parallel_size()
         groups.append({"params": [p], "rule": rule, "weight_decay": cfg.weight_decay, "lr_scale": lr_scale,
-                       "nl_name": n, "nl_shape": tuple(p.shape), "nl_full_shape": tuple(full), "nl_tp_dim": dim})
+                       "nl_name": n, "nl_shape": _shape(p), "nl_full_shape": tuple(full), "nl_tp_dim": dim})
     return groups
 
 

@@ -5,7 +5,9 @@ Applied from outside the model, always in this order (each step needs the one be
 1. **Tensor parallel, built in place** (:mod:`nl_pretrain.parallel.tensor`,
    :mod:`nl_pretrain.parallel.materialize`): the model arrives on the meta device; this rank
    materialises its shard of every tensor of its pipeline stage as the modules' ``tp_plan`` declares,
-   then the stage's replicated tensors. First, because everything after sees the local shapes.
+   then the stage's replicated tensors; under ZeRO-3 one root (embedding, block, norm, head) at a
+   time, each partitioned over DP (``deepspeed.zero.Init(module=...)``) before the next is built.
+   First, because everything after sees the local shapes.
 2. **Slow CMS step levels out of the engine's sight** (:mod:`nl_pretrain.parallel.cms_sync`): levels
    of period k > 1 are replaced in their blocks by parameterless wrappers, so neither ZeRO nor the
    bf16 optimizer nor the pipeline ever holds them; they keep their own optimizer and sync schedule.
@@ -26,7 +28,8 @@ import torch
 import torch.nn as nn
 
 from nl_pretrain.optim.optimizer import build_optimizer, every_step_groups, step_level_of, uses_nl_optimizer
-from nl_pretrain.parallel.materialize import full_value, held_roots, holds, materialize_held
+from nl_pretrain.parallel.materialize import (full_value, held_in_order, held_roots, holds, materialize_held,
+                                              partition_zero3)
 from nl_pretrain.parallel.cms_sync import StepLevelSync
 from nl_pretrain.parallel.tensor import apply_tensor_parallel, parallel_loss
 from nl_pretrain.parallel.topology import DeepSpeedMPU, Layout, stage_layers
@@ -113,9 +116,12 @@ class Parallelized:
     block_ids: List[int]            # this pipeline stage's blocks
 
 
-def parallelize(model: nn.Module, cfg, layout: Layout, device: torch.device) -> Parallelized:
+def parallelize(model: nn.Module, cfg, layout: Layout, device: torch.device,
+                zero3_as_built: bool = True) -> Parallelized:
     """Make ``model`` (the single-device model, identical on every rank: built on the meta device, or
-    materialised) this rank's part; only this rank's share is materialised."""
+    materialised) this rank's part; only this rank's share is materialised. ``zero3_as_built=False``
+    (bench/startup_memory.py's baseline): under ZeRO-3 the whole share is built first and the engine
+    partitions it."""
     import deepspeed
     from megatron.core import parallel_state as ps
     from nl_pretrain.parallel.random import seed_model_parallel
@@ -125,9 +131,17 @@ def parallelize(model: nn.Module, cfg, layout: Layout, device: torch.device) -> 
     block_ids = stages[stage]
     roots = held_roots(model, layout.pp, stage, block_ids)
     # 1. tensor parallel: this rank's shard of every tensor of its stage (generated in place for a
-    #    meta-device model), then its replicated tensors; other stages stay on the meta device
-    apply_tensor_parallel(model, value=full_value(model), keep=holds(roots))
-    materialize_held(model, roots, device)
+    #    meta-device model), then its replicated tensors; other stages stay on the meta device.
+    #    ZeRO-3: root by root, each partitioned over DP as soon as it is built (peak: the partitions
+    #    so far + one root's share, not the whole share)
+    zero3 = layout.zero_stage == 3 and zero3_as_built and layout.dp > 1    # over one rank: nothing to split
+    mpu3 = DeepSpeedMPU() if zero3 and layout.pp == 1 else None
+    for group in ([[r] for r in held_in_order(model, roots)] if zero3 else [roots]):
+        apply_tensor_parallel(model, value=full_value(model), keep=holds(group))
+        materialize_held(model, group, device)
+        if zero3:
+            partition_zero3(model, group[0], deepspeed_config(cfg, layout), ps.get_data_parallel_group(), mpu3,
+                            bf16=cfg.train.precision == "bf16")
     seed_model_parallel(cfg.train.seed)
     # global parameter names (this rank's tensor-parallel shard of each), whatever wraps them later
     names = {id(p): n.replace(".inner.", ".") for n, p in model.named_parameters()}

@@ -31,12 +31,24 @@ def built_shards(trees):
     for tree in trees:
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
-        trainer = DistributedTrainer(build_config(tree))
+        import deepspeed
+        seen, start = {}, deepspeed.initialize
+
+        def observed(*args, **kwargs):     # what the rank holds when the engine starts (then the real one)
+            params = list(kwargs["model"].parameters())
+            seen.update(local=sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params),
+                        share=sum(getattr(p, "ds_numel", p.numel()) for p in params), tensors=len(params))
+            return start(*args, **kwargs)
+        deepspeed.initialize = observed
+        try:
+            trainer = DistributedTrainer(build_config(tree))
+        finally:
+            deepspeed.initialize = start
         held = local_parameters(trainer)                 # ZeRO-3: its partitions gathered
         meta = [n for n, p in trainer.model.named_parameters() if p.is_meta]
         real = sum(p.numel() for p in trainer.model.parameters() if not p.is_meta)
         out.append({"params": held, "meta": meta, "real": real, "tp": trainer.tp_rank, "pp": trainer.pp_rank,
-                    "plan": trainer.plan})
+                    "plan": trainer.plan, "at_engine_start": seen})
     return out
 
 
@@ -70,6 +82,11 @@ def test_every_shard_is_the_slice_of_the_one_process_model(shards, name):
             assert mine == {str(rank["pp"])}, mine
             assert set(rank["meta"]) == set(full) - set(rank["params"]), rank["meta"]
             assert rank["real"] < sum(p.numel() for p in full.values())
+    if cfg.parallel.zero_stage == 3:     # partitioned as built: 1/DP of the share (+ padding) before the engine
+        dp = len(shards[name]) // (tp * pp)
+        for rank in shards[name]:
+            seen = rank["at_engine_start"]
+            assert seen["share"] / dp <= seen["local"] <= seen["share"] / dp + seen["tensors"], seen
     if tp > 1:
         total = sum(p.numel() for p in full.values())
         for rank in shards[name]:
