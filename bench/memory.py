@@ -2,6 +2,10 @@
 
     .venv/bin/python bench/memory.py [--only NAME ...] [--long-context] [--triton]
 
+The results in bench/results/ come from three runs: ``bench/memory.py`` (memory.json, ~3 min),
+``--only --long-context --out bench/results/memory_long_context.json`` (~25 min) and
+``--only --triton --out bench/results/memory_triton.json`` (~1 min).
+
 Measured: one training step (forward, backward, AdamW step) after a warm-up step, PyTorch memory
 path, fp32: in one process (the first rows), or on every rank of a real 2-rank DeepSpeed job over
 gloo (TP / PP / ZeRO rows; the largest rank is reported, on the built-in byte corpus with its
