@@ -7,7 +7,7 @@ The results in bench/results/ come from three runs: ``bench/memory.py`` (memory.
 ``--only --triton --out bench/results/memory_triton.json`` (~1 min).
 
 Measured: one training step (forward, backward, AdamW step) after a warm-up step, PyTorch memory
-path, fp32: in one process (the first rows), or on every rank of a real 2-rank DeepSpeed job over
+path, fp32 (one row bf16: autocast over fp32 weights, as one process runs it): in one process (the first rows), or on every rank of a real 2-rank DeepSpeed job over
 gloo (TP / PP / ZeRO rows; the largest rank is reported, on the built-in byte corpus with its
 packed documents). The peak is the largest sum, during the step, of the storages alive: those
 held at its start (one process: every storage of the model and the optimizer; distributed: every
@@ -47,6 +47,8 @@ CONFIGS = {
                                 "--parallel.activation_checkpointing=true"],
     "hope T=512 B=1 recompute": ["--model.preset=hope-tiny", "--data.seq_len=512", "--train.micro_batch_size=1",
                                  "--model.recompute_chunks=true"],
+    "hope T=256 B=2 bf16 (autocast)": ["--model.preset=hope-tiny", "--data.seq_len=256", "--train.micro_batch_size=2",
+                                       "--train.precision=bf16"],
     "titans T=512 B=2": ["--model.preset=titans-tiny", "--data.seq_len=512", "--train.micro_batch_size=2"],
     "gated_deltanet T=512 B=2": ["--model.preset=gated_deltanet-tiny", "--data.seq_len=512",
                                  "--train.micro_batch_size=2"],
@@ -83,7 +85,8 @@ def measure(cfg) -> dict:
     ids = torch.randint(0, cfg.model.vocab_size, (B, T))
 
     def step(tracker=None):
-        loss = model.loss(ids, ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):   # one process
+            loss = model.loss(ids, ids)
         kept = tracker.current if tracker is not None else 0
         loss.backward()
         opt.step()
