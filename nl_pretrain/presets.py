@@ -76,8 +76,8 @@ ABLATIONS = {
     "no_momentum": "momentum=false: S_t is the plain gradient step (= momentum with beta = 0)",
     "no_retention": "retention=false: alpha_t = 1 in every memory (Table 6 'w/o weight decay')",
     "no_cms": "the CMS chain replaced by one ordinary SwiGLU MLP of Transformer++'s width for the size",
-    "static_k": "k from a static projection of x (no adaptive k memory)",
-    "static_v": "v from a static projection of x (no adaptive v memory)",
+    "static_k": "k_t = u_t, the static projection the other memories read (no adaptive k memory)",
+    "static_v": "v_t = u_t, the static projection the other memories read (no adaptive v memory)",
     "adaptive_q": "q read from an adaptive q memory (the paper's text keeps q static)",
 }
 _NEEDS = {"dgd": "smt", "no_momentum": "memory", "no_retention": "memory", "no_cms": "cms",

@@ -46,8 +46,12 @@ class SelfModifyingTitans(nn.Module):
         # (model.projection_memories, model.retention: the Table 6 switches, docs/MODEL.md D21)
         wanted = cfg.projection_memories if cfg.adaptive_projections else ()
         self.proj_memories = tuple(m for m in PROJECTIONS if m in wanted and (m != "alpha" or cfg.retention))
-        self.static = tuple(m for m in PROJECTIONS if m not in self.proj_memories and (m != "alpha" or cfg.retention))
         self.adaptive = bool(self.proj_memories)
+        # +static_k / +static_v (D21): a k or v memory that is not adaptive is the identity on u (k_t = u_t),
+        # the static projection the other memories read, so keys stay where reads and targets are taken
+        self.identity_maps = tuple(m for m in ("k", "v") if self.adaptive and m not in self.proj_memories)
+        self.static = tuple(m for m in PROJECTIONS if m not in self.proj_memories + self.identity_maps
+                            and (m != "alpha" or cfg.retention))
         rule, loss, lg, mom = cfg.rule, cfg.inner_loss, cfg.linear_grad, cfg.momentum
         self.proj_spec = make_spec(cfg.proj_memory, rule, loss, lg, mom)
         self.main_spec = make_spec(cfg.main_memory, rule, loss, lg, mom)
@@ -124,6 +128,12 @@ class SelfModifyingTitans(nn.Module):
         elif not self.cfg.retention:
             out["alpha"] = x.new_ones(B * H, x.shape[1])          # no weight decay: alpha_t = 1
         return out
+
+    def identity_inputs(self, u):
+        """``+static_k`` / ``+static_v`` (D21): a k or v memory that is not adaptive is replaced by the
+        identity, its initial state without the learned part, and never written: ``k_t = u_t``
+        (``v_t = u_t``), the static projection the adaptive memories read and are written against."""
+        return {m: u for m in self.identity_maps}
 
     def _row_bias(self, bias, batch):
         return bias.repeat(batch)[:, None]                   # rows are batch-major: (B*H, 1)
@@ -216,10 +226,11 @@ class SelfModifyingTitans(nn.Module):
             k, v, eta, alpha = self._stacked_projection_pass(self.inputs(x, docs, out), states, moms, betas, B, impl,
                                                              docs)
         else:
-            fixed = self.static_inputs(x, docs, out)
+            u = self.inputs(x, docs, out)
+            fixed = {**self.static_inputs(x, docs, out), **self.identity_inputs(u)}
             if q is not None:
                 fixed["q"] = q
-            r = self._projection_pass(self.inputs(x, docs, out), fixed, states, moms, betas, B, impl, docs)
+            r = self._projection_pass(u, fixed, states, moms, betas, B, impl, docs)
             q, k, v, eta, alpha = (r[n] for n in PROJECTIONS)
         spec, C = self.main_spec, self.cfg.chunk_mem
         beta = betas[-1] if self.cfg.momentum else None

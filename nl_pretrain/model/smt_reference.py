@@ -28,6 +28,8 @@ def smt_sequential(layer, x: torch.Tensor) -> torch.Tensor:
     if "q" in layer.static:
         fixed["q"] = layer.queries(x)
     u = layer.inputs(x) if layer.adaptive else None
+    if layer.adaptive:
+        fixed.update(layer.identity_inputs(u))            # +static_k / +static_v: k_t = u_t (v_t = u_t)
     ref = {}
     outs = []
     for t in range(T):

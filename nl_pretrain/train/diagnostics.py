@@ -144,8 +144,10 @@ def _observing(model: torch.nn.Module, rec: _Recorder):
             setattr(mod, attr, orig)
 
 
-def diagnose(model: torch.nn.Module, batch: dict, device=None, autocast=None) -> str:
-    """One line naming the first non-finite quantity of ``model`` on ``batch`` (see the module doc)."""
+def diagnose(model: torch.nn.Module, batch: dict, device=None, autocast=None, gradients: bool = True) -> str:
+    """One line naming the first non-finite quantity of ``model`` on ``batch`` (see the module doc).
+    ``gradients=False``: the forward only (a data-parallel rank: a backward would enter the engine's
+    gradient hooks)."""
     for name, p in model.named_parameters():
         if not bool(torch.isfinite(p.detach()).all()):
             return f"first non-finite value: parameter {name} (the weights were already non-finite before this step)"
@@ -155,14 +157,15 @@ def diagnose(model: torch.nn.Module, batch: dict, device=None, autocast=None) ->
     was_training = model.training
     model.train()
     try:
-        with _observing(model, rec), (autocast or contextlib.nullcontext()):
+        grad = contextlib.nullcontext() if gradients else torch.no_grad()
+        with _observing(model, rec), (autocast or contextlib.nullcontext()), grad:
             logits = model(ids, docs)
         rec.note("logits", logits, where="lm head")
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                                  ignore_index=-100)
         rec.note("loss", loss, where="loss")
         i, bad = rec.first_bad()
-        if bad is None and loss.requires_grad:
+        if bad is None and gradients and loss.requires_grad:
             loss.backward()
             model.zero_grad(set_to_none=True)
     finally:
@@ -174,11 +177,16 @@ def diagnose(model: torch.nn.Module, batch: dict, device=None, autocast=None) ->
                 if largest is not None else "")
         # a memory's state/reads: name its inputs too (eta, alpha, |v| are what a user can act on)
         memory = re.split(r" (?:input|state|momentum|reads)\b", bad[1])[0]
-        inputs = [f"{r[1].rsplit(' ', 1)[-1]} {_fmt(r[2])}" for r in before
-                  if r[0] == bad[0] and r[1].startswith(memory + " input ")]
+        inputs = {}                   # the failing call's inputs: a chunk loop calls the operator many times
+        for r in before:
+            if r[0] == bad[0] and r[1].startswith(memory + " input "):
+                inputs[r[1].rsplit(" ", 1)[-1]] = _fmt(r[2])
         if inputs and " input " not in bad[1]:
-            tail += f"; its inputs' max |x|: {', '.join(inputs)}"
+            tail += f"; its inputs' max |x|: {', '.join(f'{n} {v}' for n, v in inputs.items())}"
         return f"first non-finite value: {bad[0]} {bad[1]}{tail}"
+    if not gradients:
+        return (f"forward finite (loss {_fmt(float(loss))}); gradients are not re-checked in a data-parallel run "
+                "(a finite loss with a non-finite gradient: resume the checkpoint in one process to locate it)")
     if rec.backward_bad:
         return (f"forward finite (loss {_fmt(float(loss))}); first non-finite gradient, walking back from the loss: "
                 f"{rec.backward_bad[0]}")
@@ -186,15 +194,42 @@ def diagnose(model: torch.nn.Module, batch: dict, device=None, autocast=None) ->
 
 
 def explain(module, micro_batches) -> Optional[str]:
-    """:func:`diagnose` for a one-process train module on its first non-finite micro-batch; None for
-    layouts whose model is spread over processes (a re-run there would have to be collective)."""
+    """:func:`diagnose` on the first micro-batch that shows the non-finite value.
+
+    One process: forward and backward. A data-parallel run (no tensor or pipeline split, ZeRO stage
+    0-2, so every rank holds the whole model): every rank re-runs its own micro-batches forward only
+    and the ranks exchange their lines (collective: every rank is here, the step's non-finiteness is
+    agreed), so every rank returns the same line, naming the rank whose batch shows it. Layouts that
+    split the model over processes get a line that says why there is no diagnosis."""
     model = getattr(module, "model", None)
-    if getattr(module, "world", 1) != 1 or not isinstance(model, torch.nn.Module):
+    if not isinstance(model, torch.nn.Module):
         return None
+    if getattr(module, "world", 1) == 1:
+        autocast = module._autocast if hasattr(module, "_autocast") else None
+        return _first_line(model, micro_batches, module.device, autocast, True)
+    layout = getattr(module, "layout", None)
+    if layout is None or layout.tp > 1 or layout.pp > 1 or layout.zero_stage >= 3:
+        what = (f"tensor {layout.tp} x pipeline {layout.pp}, ZeRO stage {layout.zero_stage}" if layout is not None
+                else "a distributed layout")
+        return (f"no diagnosis: the model is split over processes ({what}); resume the latest checkpoint in "
+                f"one process (or data parallel with ZeRO stage <= 2) to have the failing batch named")
+    import torch.distributed as dist
+    autocast = ((lambda: torch.autocast(module.device.type, dtype=torch.bfloat16)) if getattr(module, "bf16", False)
+                else None)
+    line = _first_line(model, micro_batches, module.device, autocast, False)
+    lines = [None] * dist.get_world_size()
+    dist.all_gather_object(lines, line)
+    for rank, got in enumerate(lines):
+        if got.startswith("first non-finite value"):
+            return f"{got} (data-parallel rank {rank}'s micro-batch)"
+    return lines[0]
+
+
+def _first_line(model, micro_batches, device, autocast, gradients) -> Optional[str]:
+    """``autocast``: None or a function returning a fresh autocast context per re-run."""
     line = None
     for b in micro_batches:               # the first micro-batch that shows it
-        autocast = module._autocast() if hasattr(module, "_autocast") else None
-        line = diagnose(model, b, module.device, autocast)
+        line = diagnose(model, b, device, autocast() if autocast else None, gradients)
         if not line.startswith("the re-run"):
             break
     return line

@@ -140,17 +140,20 @@ def _spy(monkeypatch):
 
 
 @pytest.mark.parametrize("which", ["k", "v"])
-def test_static_k_or_v_is_a_static_projection(which, monkeypatch):
-    """Without the adaptive k (v) memory, the main memory's keys (values) are the static projection
-    ``l2norm(silu(conv(x W_k)))`` (``silu(conv(x W_v))``) of Titans, and that memory does not exist."""
+def test_static_k_or_v_is_the_identity_on_u(which, monkeypatch):
+    """Without the adaptive k (v) memory, the main memory's keys (values) and the keys (values) every
+    projection memory is written with are u itself, the static projection ``l2norm(silu(conv(x W_u)))``
+    the adaptive memories read: that memory, its parameters and its momentum beta do not exist."""
     layer = layer_for(projection_memories=[m for m in ("k", "v", "eta", "alpha") if m != which])
-    assert which not in layer.proj_init and hasattr(layer, "w_" + which)
+    assert which not in layer.proj_init and not hasattr(layer, "w_" + which) and not hasattr(layer, "conv_" + which)
+    assert layer.beta_logit.shape[1] == 4 and which not in layer.initial(2)[0]
     seen = _spy(monkeypatch)
     x = torch.randn(2, 11, 16, dtype=DT)
     layer(x)
-    conv = getattr(layer, "conv_" + which)(getattr(layer, "w_" + which)(x))
-    want = to_rows(torch.nn.functional.silu(conv), layer.H)
-    torch.testing.assert_close(seen[0][which], l2norm(want) if which == "k" else want, rtol=0, atol=0)
+    u = layer.inputs(x)
+    torch.testing.assert_close(seen[0][which], u, rtol=0, atol=0)
+    other = "v" if which == "k" else "k"                       # the adaptive one still varies by chunk
+    assert not torch.allclose(seen[0][other], l2norm(u) if other == "k" else u)
 
 
 def test_adaptive_q_is_a_memory_trained_like_the_others(monkeypatch):

@@ -14,11 +14,13 @@ from nl_pretrain.presets import preset_model_dict
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 FAMILIES = ["hope", "titans", "gated_deltanet", "hope_attention"]
+SWITCHED = ["hope+static_k+adaptive_q+no_retention"]   # the per-chunk projection pass (Table 6 switches, D21)
 TOL = 2e-5        # fp32 kernels vs fp32 PyTorch forms (observed ~3e-7 .. 2e-6)
 
 
 def build(family, impl, chunk=5):
-    d = preset_model_dict(f"{family}-tiny")
+    base, _, switches = family.partition("+")
+    d = preset_model_dict(f"{base}-tiny" + (f"+{switches}" if switches else ""))
     d.pop("preset")
     d.update(d_model=32, n_heads=2, n_layers=1, vocab_size=64, memory_impl=impl, chunk_mem=chunk, chunk_proj=chunk)
     d["cms"] = [CMSLevel(**(dict(c, period=chunk) if c["kind"] == "context" else c)) for c in d["cms"]]
@@ -51,6 +53,12 @@ def test_interp_family(family):
 
 
 @pytest.mark.skipif(not INTERP, reason="interpreter case: runs in the subprocess of test_triton_model_equals_torch")
+@pytest.mark.parametrize("family", SWITCHED)
+def test_interp_switched_family(family):
+    check_family(family)
+
+
+@pytest.mark.skipif(not INTERP, reason="interpreter case: runs in the subprocess of test_triton_model_equals_torch")
 @pytest.mark.parametrize("family", ["hope", "gated_deltanet"])
 def test_interp_packed_family(family):
     check_family(family, packed=True)
@@ -58,11 +66,11 @@ def test_interp_packed_family(family):
 
 @pytest.mark.slow
 def test_triton_model_equals_torch():
-    run_interpreter_cases(__file__, len(FAMILIES) + 2)
+    run_interpreter_cases(__file__, len(FAMILIES) + len(SWITCHED) + 2)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + SWITCHED)
 def test_gpu_family(family):
     torch.backends.cuda.matmul.allow_tf32 = False
     check_family(family, device="cuda", T=200)
