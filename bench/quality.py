@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from bench.common import load_average, machine, write_json  # noqa: E402
 
@@ -37,6 +38,12 @@ SUITES = {
     "tiny": ({}, 300),
     "small": ({"n_layers": 4, "d_model": 192, "n_heads": 4}, 150),
 }
+MAIN_LR = 3e-3                     # configs/tiny_hope.yaml
+
+
+def suite_key(suite: str, lr: float) -> str:
+    """Where a run's result lives in the JSON: the suite, or ``<suite>_lr<lr>`` at another lr than the main job's."""
+    return suite if lr == MAIN_LR else f"{suite}_lr{lr:g}"
 
 
 def run_config(name: str, suite: str, seed: int, steps: int, data: str, threads: int, lr: float, micro: int):
@@ -48,9 +55,10 @@ def run_config(name: str, suite: str, seed: int, steps: int, data: str, threads:
             f"--train.steps={steps}", f"--train.micro_batch_size={micro}", f"--train.seed={seed}",
             f"--train.threads={threads}", f"--train.eval_every={steps}", "--train.eval_batches=16",
             f"--train.log_every={max(1, steps // 10)}", "--train.progress=false", "--checkpoint.save_final=false",
-            f"--train.run_dir=runs/quality/{suite}/{name}-s{seed}"]
+            f"--train.run_dir=runs/quality/{suite_key(suite, lr)}/{name}-s{seed}",
+            f"--data.seq_len={json.loads(Path(data, 'manifest.json').read_text())['seq_len']}"]
     over += [f"--model.{k}={v}" for k, v in model.items()]
-    return load_config("configs/tiny_hope.yaml", over)
+    return load_config(str(ROOT / "configs" / "tiny_hope.yaml"), over)
 
 
 def train_one(cfg) -> dict:
@@ -99,7 +107,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1", help="comma-separated training seeds (at least two for a spread)")
     ap.add_argument("--only", default="", help=f"comma-separated runs (default all): {','.join(RUNS)}")
     ap.add_argument("--data", default="data/stdlib-4k", help="prepared dataset (nl-pretrain prepare-data)")
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=MAIN_LR, help="results at another lr go under <suite>_lr<lr>")
     ap.add_argument("--micro", type=int, default=8, help="sequences per step (of the dataset's length)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench/results/quality.json")
@@ -129,7 +137,8 @@ def main(argv=None) -> int:
                 res.update(steps=steps, lr=a.lr, micro=a.micro, seq_len=cfg.data.seq_len, load=load_average())
                 # merge into the file as it is now (other parts may have written meanwhile)
                 results = json.loads(Path(a.out).read_text()) if Path(a.out).exists() else {}
-                results.setdefault("runs", {}).setdefault(suite, {}).setdefault(name, {})[str(seed)] = res
+                key = suite_key(suite, a.lr)
+                results.setdefault("runs", {}).setdefault(key, {}).setdefault(name, {})[str(seed)] = res
                 results["machine"] = machine(a.threads)
                 results["suites"] = {s: {"model_overrides": SUITES[s][0], "preset": "<family>-tiny[+switch]"}
                                      for s in SUITES}
@@ -141,7 +150,7 @@ def main(argv=None) -> int:
                       f"{res['wall_s']:.0f} s, {res['nan_steps']} non-finite steps", flush=True)
     results = json.loads(Path(a.out).read_text())
     for suite in suites:
-        print(table(results["runs"], suite))
+        print(table(results["runs"], suite_key(suite, a.lr)))
     return 0
 
 

@@ -72,6 +72,8 @@ class ContextLevel(nn.Module):
         impl = self.impl(z.device)
         keys = l2norm(to_rows(self.local_heads(z), self.H))              # unit keys keep the dgd write stable
         targets = to_rows(self.w_target(z), self.H)
+        if self.cfg.context_target_norm:   # unit targets: the inner residual stays O(1) (MODEL.md, "Stability")
+            targets = l2norm(targets)
         eta = self.cfg.eta_max * self.cfg.mlp_eta_scale * torch.sigmoid(to_rows(self.w_eta(z), self.H)[..., 0])
         if self.cfg.eta_chunk_mean:      # chunk-start gradients: the chunk's mean gradient (docs/MODEL.md)
             eta = eta / self.period

@@ -208,3 +208,26 @@ def test_switch_errors_name_the_value():
     with pytest.raises(ConfigError, match=r"^model.projection_memories=\['k', 'w'\]: each entry must be one of "
                                           r"\['q', 'k', 'v', 'eta', 'alpha'\], at most once$"):
         load_config(None, ["--model.preset=hope-tiny", "--model.projection_memories=[k, w]"])
+
+
+def test_context_target_norm_writes_unit_targets(monkeypatch):
+    """model.context_target_norm (docs/MODEL.md §6): a CMS context level's memory is written towards
+    ``l2norm(z W_T)`` per head instead of ``z W_T``; everything else about the level is unchanged."""
+    import nl_pretrain.model.cms as cms_module
+    from nl_pretrain.model.cms import ContextLevel
+    seen, real = [], cms_module.memory_sequence
+
+    def spy(spec, state, mom, k, v, *args, **kw):
+        seen.append((k, v))
+        return real(spec, state, mom, k, v, *args, **kw)
+    monkeypatch.setattr(cms_module, "memory_sequence", spy)
+    z = torch.randn(2, 10, 16, dtype=DT)
+    outs = []
+    for on in (False, True):
+        m = model_for(hope_cfg(context_target_norm=on))
+        level = next(lv for lv in m.blocks[0].levels if isinstance(lv, ContextLevel))
+        outs.append(level(z))
+        raw = to_rows(level.w_target(z), level.H)
+        torch.testing.assert_close(seen[-1][1], l2norm(raw) if on else raw, rtol=0, atol=0)
+    torch.testing.assert_close(seen[0][0], seen[1][0], rtol=0, atol=0)      # same keys, same weights
+    assert not torch.allclose(outs[0], outs[1])
