@@ -87,7 +87,9 @@ def first_nonfinite_step(preset, *extra):
 
 @pytest.mark.slow
 def test_every_family_trains_where_titans_raw_values_diverged():
-    assert first_nonfinite_step("titans-tiny", "--model.value_norm=false") is not None   # the setting catches it
+    # the control: raw values fail here at lr 1e-2 (step 19 on the current code; at 6e-3 they failed at step
+    # 54 when first measured and no longer do within 56 steps: the point of divergence is chaotic)
+    assert first_nonfinite_step("titans-tiny", "--model.value_norm=false", "--optim.lr=1e-2") is not None
     failed = {f: s for f in ("hope", "hope_attention", "transformer", "titans", "gated_deltanet")
               if (s := first_nonfinite_step(f"{f}-tiny")) is not None}
     assert failed == {}, f"first non-finite step per family: {failed}"
