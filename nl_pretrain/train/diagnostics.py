@@ -51,6 +51,8 @@ class _Recorder:
     def __init__(self):
         self.rows: List[tuple] = []
         self.stack: List[str] = []              # the modules running now (innermost last)
+        self.modules: List[torch.nn.Module] = []
+        self.chunk_calls: List[int] = []        # memory_chunk calls so far in each running module
         self.backward_bad: List[str] = []       # quantities whose gradient was non-finite, backward order
 
     @property
@@ -87,6 +89,17 @@ def _state_norm(state) -> torch.Tensor:
     return torch.stack(norms).max() if norms else torch.zeros(())
 
 
+def _chunk_memory_name(rec: _Recorder) -> str:
+    """Which projection memory a ``memory_chunk`` call writes: the chunk loop of
+    ``SelfModifyingTitans._projection_pass`` writes ``proj_memories`` in order, once per chunk."""
+    memories = getattr(rec.modules[-1], "proj_memories", None) if rec.modules else None
+    if not memories:
+        return "projection memory (chunk)"
+    i = rec.chunk_calls[-1]
+    rec.chunk_calls[-1] += 1
+    return f"projection memory {memories[i % len(memories)]} (chunk {i // len(memories)})"
+
+
 def _wrap(fn, rec: _Recorder, memory: str, operator: str):
     def observed(*args, **kw):
         if operator == "projection_sequence":           # (spec, P, S, u, ...)
@@ -99,7 +112,7 @@ def _wrap(fn, rec: _Recorder, memory: str, operator: str):
                 rec.note("projection memories momentum norm", _state_norm((S,)))
             return out
         # memory_sequence / memory_chunk: (spec, state, mom, k, vhat, eta, alpha, beta, q, ...)
-        name = memory if operator == "memory_sequence" else "projection memory (chunk)"
+        name = memory if operator == "memory_sequence" else _chunk_memory_name(rec)
         for what, t in zip(("k", "v", "eta", "alpha", "beta", "q"), args[3:9]):
             if t is not None:
                 rec.note(f"{name} input {what}", t)
@@ -129,9 +142,13 @@ def _observing(model: torch.nn.Module, rec: _Recorder):
 
         def pre(m, args, name=name):
             rec.stack.append(name)
+            rec.modules.append(m)
+            rec.chunk_calls.append(0)
 
         def post(m, args, output, name=name):
             rec.stack.pop()
+            rec.modules.pop()
+            rec.chunk_calls.pop()
             rec.note("output", output, where=name)
         handles.append(sub.register_forward_pre_hook(pre))
         handles.append(sub.register_forward_hook(post))

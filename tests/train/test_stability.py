@@ -46,6 +46,22 @@ def test_diagnosis_names_the_memory_whose_state_overflowed():
                                       "were already non-finite before this step)")
 
 
+def test_diagnosis_names_which_projection_memory_of_a_chunk_loop():
+    # +static_k runs the projection memories (v, eta, alpha) one at a time per chunk (memory_chunk):
+    # the line names the memory and the chunk, and the inputs of that call only
+    cfg = load_config(None, ["--model.preset=hope-tiny+static_k", *SMALL])
+    torch.manual_seed(0)
+    model = LanguageModel(cfg.model)
+    assert model.blocks[1].mixer.proj_memories == ("v", "eta", "alpha")
+    batch = {"input_ids": torch.randint(0, 300, (2, 32)), "labels": torch.randint(0, 300, (2, 32)),
+             "doc_ids": torch.zeros(2, 32, dtype=torch.long)}
+    with torch.no_grad():
+        for w in model.blocks[1].mixer.proj_init["v"].weights:
+            w.fill_(3e38)                     # v = M_v u and its target M_v(l2norm v) overflow float32
+    line = diagnose(model, batch)
+    assert line.startswith("first non-finite value: blocks.1.mixer projection memory v (chunk 0) input v; "), line
+
+
 def test_training_loop_warning_names_where(tmp_path, capsys):
     """Through fit(): the skip warning carries the diagnosis; the stop error repeats it."""
     cfg = load_config(None, ["--model.preset=titans-tiny", *SMALL, "--train.steps=3", "--train.max_nan_steps=1",
