@@ -46,7 +46,7 @@ def _fmt(x: float) -> str:
 
 
 class _Recorder:
-    """Quantities in the order they were computed: ``(where, what, max |x| or inf, tensor)``."""
+    """Quantities in the order they were computed: ``(where, what, max |x| or inf)``."""
 
     def __init__(self):
         self.rows: List[tuple] = []
@@ -67,7 +67,10 @@ class _Recorder:
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             return
         label = (where or self.where, what)
-        self.rows.append((*label, _max_abs(t), t))
+        # no tensor is kept: a row holding one would close a cycle (tensor -> its hook -> recorder ->
+        # row -> tensor) through autograd's C++ graph, which the garbage collector cannot see, and
+        # every diagnosis would leak its forward's activations
+        self.rows.append((*label, _max_abs(t)))
         if t.requires_grad:
             t.register_hook(lambda g, label=label: self._grad(label, g))
 
