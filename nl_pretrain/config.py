@@ -109,7 +109,7 @@ class ModelConfig:
     retention: bool = True
     # static values l2-normalised, v_t / |v_t| (Titans: its MLP memory diverged on raw values; "Stability")
     value_norm: bool = False
-    context_target_norm: bool = False   # CMS context levels write l2-normalised targets (docs/MODEL.md §6)
+    context_target_norm: bool = True    # CMS context levels write l2-normalised targets (docs/MODEL.md §6)
     # PyTorch memory path: keep only chunk-start states for the backward and recompute inside each chunk
     # (long context when memory is tight; docs/PARALLEL.md "Long context"; the Triton kernels always do)
     recompute_chunks: bool = False

@@ -212,7 +212,9 @@ def test_switch_errors_name_the_value():
 
 def test_context_target_norm_writes_unit_targets(monkeypatch):
     """model.context_target_norm (docs/MODEL.md §6): a CMS context level's memory is written towards
-    ``l2norm(z W_T)`` per head instead of ``z W_T``; everything else about the level is unchanged."""
+    ``l2norm(z W_T)`` per head instead of ``z W_T``; everything else about the level is unchanged. On by
+    default (every preset with a context level)."""
+    assert hope_cfg().context_target_norm and hope_cfg("hope_attention-tiny").context_target_norm
     import nl_pretrain.model.cms as cms_module
     from nl_pretrain.model.cms import ContextLevel
     seen, real = [], cms_module.memory_sequence
