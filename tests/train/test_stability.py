@@ -26,12 +26,18 @@ def overflow_main_memory(model, block=1):
             w.mul_(1e20)
 
 
-def test_diagnosis_names_the_memory_whose_state_overflowed():
-    cfg = load_config(None, ["--model.preset=titans-tiny", *SMALL])
+def model_and_batch(preset):
+    """A small model of ``preset`` (seed 0) and one random batch for it."""
+    cfg = load_config(None, [f"--model.preset={preset}", *SMALL])
     torch.manual_seed(0)
     model = LanguageModel(cfg.model)
     batch = {"input_ids": torch.randint(0, 300, (2, 32)), "labels": torch.randint(0, 300, (2, 32)),
              "doc_ids": torch.zeros(2, 32, dtype=torch.long)}
+    return model, batch
+
+
+def test_diagnosis_names_the_memory_whose_state_overflowed():
+    model, batch = model_and_batch("titans-tiny")
     assert diagnose(model, batch) == "the re-run of this batch is finite (the non-finite value did not reproduce)"
     overflow_main_memory(model)
     line = diagnose(model, batch)
@@ -51,28 +57,20 @@ def test_diagnosis_frees_its_re_run():
     # many non-finite steps grew by 1.3 GB per diagnosis (hope_attention, small suite) until it was OOM-killed
     import gc
     from nl_pretrain.train import diagnostics
-    cfg = load_config(None, ["--model.preset=titans-tiny", *SMALL])
-    torch.manual_seed(0)
-    model = LanguageModel(cfg.model)
-    batch = {"input_ids": torch.randint(0, 300, (2, 32)), "labels": torch.randint(0, 300, (2, 32)),
-             "doc_ids": torch.zeros(2, 32, dtype=torch.long)}
+    model, batch = model_and_batch("titans-tiny")
     for overflow in (False, True):                      # backward re-checked / forward already non-finite
         if overflow:
             overflow_main_memory(model)
         diagnose(model, batch)
         gc.collect()
-        assert not [o for o in gc.get_objects() if isinstance(o, diagnostics._Recorder)]
+        assert not [o for o in gc.get_objects() if type(o) is diagnostics._Recorder]
 
 
 def test_diagnosis_names_which_projection_memory_of_a_chunk_loop():
     # +static_k runs the projection memories (v, eta, alpha) one at a time per chunk (memory_chunk):
     # the line names the memory and the chunk, and the inputs of that call only
-    cfg = load_config(None, ["--model.preset=hope-tiny+static_k", *SMALL])
-    torch.manual_seed(0)
-    model = LanguageModel(cfg.model)
+    model, batch = model_and_batch("hope-tiny+static_k")
     assert model.blocks[1].mixer.proj_memories == ("v", "eta", "alpha")
-    batch = {"input_ids": torch.randint(0, 300, (2, 32)), "labels": torch.randint(0, 300, (2, 32)),
-             "doc_ids": torch.zeros(2, 32, dtype=torch.long)}
     with torch.no_grad():
         for w in model.blocks[1].mixer.proj_init["v"].weights:
             w.fill_(3e38)                     # v = M_v u and its target M_v(l2norm v) overflow float32
