@@ -110,6 +110,9 @@ class ModelConfig:
     # static values l2-normalised, v_t / |v_t| (Titans: its MLP memory diverged on raw values; "Stability")
     value_norm: bool = False
     context_target_norm: bool = True    # CMS context levels write l2-normalised targets (docs/MODEL.md §6)
+    # projection memories' self-generated targets rescaled to the norm of the memory's read at the write key,
+    # |M_ref(k)| M_ref(vbar) / |M_ref(vbar)|: a write can turn a read but not grow it (+static_k; MODEL.md §6)
+    proj_target_match: bool = False
     # PyTorch memory path: keep only chunk-start states for the backward and recompute inside each chunk
     # (long context when memory is tight; docs/PARALLEL.md "Long context"; the Triton kernels always do)
     recompute_chunks: bool = False

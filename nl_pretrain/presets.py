@@ -76,7 +76,8 @@ ABLATIONS = {
     "no_momentum": "momentum=false: S_t is the plain gradient step (= momentum with beta = 0)",
     "no_retention": "retention=false: alpha_t = 1 in every memory (Table 6 'w/o weight decay')",
     "no_cms": "the CMS chain replaced by one ordinary SwiGLU MLP of Transformer++'s width for the size",
-    "static_k": "k_t = u_t, the static projection the other memories read (no adaptive k memory)",
+    "static_k": "k_t = u_t, the static projection the other memories read (no adaptive k memory); the "
+                "projection memories' targets are norm-matched (proj_target_match, the k memory's stabilising role)",
     "static_v": "v_t = u_t, the static projection the other memories read (no adaptive v memory)",
     "adaptive_q": "q read from an adaptive q memory (the paper's text keeps q static)",
 }
@@ -105,6 +106,8 @@ def _ablate(out: Dict[str, Any], switch: str, family: str, size: str, name: str)
         out["cms"] = [dict(kind="step", period=1, expansion=STEP_EXPANSION["transformer"][size])]
     elif switch in ("static_k", "static_v"):
         out["projection_memories"] = [m for m in mems if m != switch[-1]]
+        if switch == "static_k":     # without M_k the self-referential writes amplify (docs/MODEL.md §6)
+            out["proj_target_match"] = True
     elif switch == "adaptive_q":
         out["projection_memories"] = ["q"] + [m for m in mems if m != "q"]
 

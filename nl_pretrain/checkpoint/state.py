@@ -22,6 +22,8 @@ tokens, counters, data state, config).
 """
 from __future__ import annotations
 
+import json
+
 import random
 from dataclasses import asdict
 from typing import Dict, List, Optional, Tuple
@@ -302,18 +304,34 @@ class Assembler:
                 for k, v in whole.items()}
 
 
+# Model keys added after checkpoints existed, with the behaviour a checkpoint written before the key
+# was trained with (not the key's current default: context_target_norm was added off, later made the
+# default). A checkpoint without the key compares as that value, so a run can resume it by setting it.
+BEFORE_THE_KEY = {"retention": True, "projection_memories": ["k", "v", "eta", "alpha"], "value_norm": False,
+                  "recompute_chunks": False, "context_target_norm": False, "proj_target_match": False}
+
+
 def model_config_diff(saved: dict, current) -> List[str]:
     """What differs between the checkpoint's model config and this run's. A CMS level's ``optimizer``
-    is optimizer state, not the model: :func:`check_optimizer_switch` decides about it."""
+    is optimizer state, not the model: :func:`check_optimizer_switch` decides about it. A key of
+    :data:`BEFORE_THE_KEY` that the checkpoint lacks compares as the behaviour it was written with."""
     def model_only(tree):
         tree = dict(tree)
         if isinstance(tree.get("cms"), list):
             tree["cms"] = [{k: v for k, v in lvl.items() if k != "optimizer"} for lvl in tree["cms"]]
         return tree
-    saved, now = model_only(saved), model_only(asdict(current))
+    older = {k: v for k, v in BEFORE_THE_KEY.items() if k not in saved}
+    saved, now = model_only({**older, **saved}), model_only(asdict(current))
     keys = sorted(set(saved) | set(now))
-    return [f"model.{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in keys
-            if saved.get(k) != now.get(k)]
+
+    def line(k):
+        if k not in older:
+            return f"model.{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+        v = older[k]
+        flag = str(v).lower() if isinstance(v, bool) else f"'{json.dumps(v)}'" if isinstance(v, list) else v
+        return (f"model.{k}: {v!r} in the checkpoint (written before the key existed), {now.get(k)!r} now; "
+                f"resume it with --model.{k}={flag}")
+    return [line(k) for k in keys if saved.get(k) != now.get(k)]
 
 
 def load_records(access: ParamAccess, assembler: Assembler, tp_rank: int, tp_size: int,

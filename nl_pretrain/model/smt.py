@@ -28,6 +28,7 @@ PROJ_MEMORIES = ("k", "v", "eta", "alpha")          # HOPE's adaptive set (the s
 PROJECTIONS = ("q", "k", "v", "eta", "alpha")       # every projection that can be an adaptive memory (D21)
 ETA_BIAS_INIT, ALPHA_BIAS_INIT, BETA_INIT = -2.0, 4.0, 0.9
 BETA_LOGIT = math.log(BETA_INIT / (1 - BETA_INIT))
+MATCH_EPS = 1e-6      # proj_target_match: |vhat| + this in the denominator (a zero target stays zero)
 
 
 class SelfModifyingTitans(nn.Module):
@@ -176,12 +177,21 @@ class SelfModifyingTitans(nn.Module):
                       else self.gate_alpha(r[..., 0], batch) if m == "alpha" else r)
         return out
 
-    def target(self, spec, ref_state, v):
+    def target(self, spec, ref_state, v, k=None):
         """Self-generated target ``vhat = M_ref(v / |v|)`` (Eq. 84-85) or the plain target ``v``.
 
         The value is l2-normalised before the memory reads it: with raw ``v`` a memory's gain is
-        multiplied by ``|v|`` every chunk and the eta/alpha memories run off to +-inf (MODEL.md)."""
-        return memory_read(spec, ref_state, l2norm(v)) if self.cfg.self_targets else v
+        multiplied by ``|v|`` every chunk and the eta/alpha memories run off to +-inf (MODEL.md).
+        With ``proj_target_match`` (projection memories, given their write key ``k``) the target is
+        rescaled to the norm of the read at the key, ``|M_ref(k)| vhat / |vhat|``: the write turns the
+        read at ``k`` towards ``vhat`` without making it longer (docs/MODEL.md, "+static_k")."""
+        if not self.cfg.self_targets:
+            return v
+        vhat = memory_read(spec, ref_state, l2norm(v))
+        if k is not None and self.cfg.proj_target_match:
+            at_k = memory_read(spec, ref_state, k).norm(dim=-1, keepdim=True)
+            vhat = vhat * (at_k / (vhat.norm(dim=-1, keepdim=True) + MATCH_EPS))
+        return vhat
 
     def output(self, o_rows, x):
         """Per-head RMSNorm, output gate ``sigmoid(x W_g)`` and ``W_o``."""
@@ -222,7 +232,7 @@ class SelfModifyingTitans(nn.Module):
         q = self.queries(x, docs, out) if "q" in self.static else None
         if not self.adaptive:
             k, v, eta, alpha = self.inputs(x, docs, out)
-        elif self.proj_memories == PROJ_MEMORIES and self.proj_spec.kind == "linear":
+        elif self.proj_memories == PROJ_MEMORIES and self.proj_spec.kind == "linear" and not self.cfg.proj_target_match:
             k, v, eta, alpha = self._stacked_projection_pass(self.inputs(x, docs, out), states, moms, betas, B, impl,
                                                              docs)
         else:
@@ -277,7 +287,7 @@ class SelfModifyingTitans(nn.Module):
             r.update({n: t[:, s:e] for n, t in fixed.items()})
             eta_m = self.chunk_eta(spec, r["eta"], C)
             for i, m in enumerate(self.proj_memories):
-                vhat = self.target(spec, states[m], r["v"])
+                vhat = self.target(spec, states[m], r["v"], r["k"])
                 beta = betas[i] if self.cfg.momentum else None
                 _, states[m], moms[m] = memory_chunk(spec, states[m], moms[m], r["k"], vhat, eta_m, r["alpha"], beta,
                                                      None, impl=impl)

@@ -43,7 +43,7 @@ def smt_sequential(layer, x: torch.Tensor) -> torch.Tensor:
                 p[m] = (l2norm(r) if m in ("q", "k") else layer.gate_eta(r, B)[:, 0] if m == "eta"
                         else layer.gate_alpha(r, B)[:, 0] if m == "alpha" else r)
             for i, m in enumerate(layer.proj_memories):
-                vhat = _one(spec, ref[m], l2norm(p["v"])) if cfg.self_targets else p["v"]
+                vhat = layer.target(spec, ref[m], p["v"][:, None], p["k"][:, None])[:, 0]
                 at = states[m] if spec.grad_at == "running" else ref[m]
                 step = inner_grad(spec, at, p["k"], vhat)
                 beta = betas[i] if cfg.momentum else None

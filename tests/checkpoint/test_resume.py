@@ -263,3 +263,29 @@ def test_rollback_without_checkpoints_is_refused_before_work(tmp_path):
     with pytest.raises(ConfigError, match="--checkpoint.every"):
         train(_tiny_single(tmp_path, train={"on_nan": "rollback"}))
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_resume_a_checkpoint_written_before_a_model_key_existed(tmp_path):
+    """A checkpoint whose model config lacks a key added later (here context_target_norm, added off and
+    later made the default) compares as the behaviour it was trained with: refused under today's
+    default with the flag that resumes it, resumed with that flag."""
+    import hashlib
+    import json
+    from nl_pretrain.config import ConfigError
+    train(_tiny_single(tmp_path / "a", steps=2))
+    path = ckpt(tmp_path / "a", 2)
+    common = torch.load(path / "common.pt", weights_only=False)
+    del common["model"]["context_target_norm"], common["model"]["proj_target_match"]
+    torch.save(common, path / "common.pt")
+    index = json.loads((path / "index.json").read_text())
+    data = (path / "common.pt").read_bytes()
+    entry = index["files"]["common.pt"]
+    entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (path / "index.json").write_text(json.dumps(index))
+    cfg = _tiny_single(tmp_path / "b", steps=3, train={"resume": str(path)})
+    with pytest.raises(ConfigError, match=r"model\.context_target_norm: False in the checkpoint \(written before the "
+                                          r"key existed\), True now; resume it with --model\.context_target_norm=false\. "):
+        train(cfg)
+    cfg = _tiny_single(tmp_path / "c", steps=3, train={"resume": str(path)})
+    cfg.model.context_target_norm = False
+    assert len(train(cfg)["losses"]) == 1

@@ -184,7 +184,9 @@ def test_adaptive_q_is_a_memory_trained_like_the_others(monkeypatch):
 SWITCHES = [dict(projection_memories=["v", "eta", "alpha"]), dict(projection_memories=["k", "eta", "alpha"]),
             dict(projection_memories=["q", "k", "v", "eta", "alpha"]), dict(retention=False),
             dict(momentum=False, retention=False, projection_memories=["q", "v", "eta", "alpha"]),
-            dict(proj_memory="mlp", projection_memories=["q", "k", "eta", "alpha"])]
+            dict(proj_memory="mlp", projection_memories=["q", "k", "eta", "alpha"]),
+            dict(projection_memories=["v", "eta", "alpha"], proj_target_match=True),
+            dict(proj_target_match=True), dict(proj_memory="mlp", proj_target_match=True)]
 
 
 @pytest.mark.parametrize("kw", SWITCHES, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
