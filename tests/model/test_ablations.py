@@ -235,3 +235,31 @@ def test_context_target_norm_writes_unit_targets(monkeypatch):
         torch.testing.assert_close(seen[-1][1], l2norm(raw) if on else raw, rtol=0, atol=0)
     torch.testing.assert_close(seen[0][0], seen[1][0], rtol=0, atol=0)      # same keys, same weights
     assert not torch.allclose(outs[0], outs[1])
+
+
+def test_matched_targets_keep_the_read_norm_at_the_key():
+    """proj_target_match: each projection memory's self-generated target points where M_ref(vbar) points,
+    with the norm of the memory's read at the write key, |M_ref(k)|; so a plain delta step (eta = 1, no
+    momentum, no decay) sets the read at k to a vector no longer than before. +static_k turns it on."""
+    from kernels.memory import memory_read
+    layer = layer_for(projection_memories=["v", "eta", "alpha"], proj_target_match=True)
+    spec = layer.proj_spec
+    B = 2
+    x = torch.randn(B, 6, 16, dtype=DT)
+    u = layer.inputs(x)
+    v = torch.randn_like(u) * 3
+    for m in layer.proj_memories:
+        state = tuple(w * 4 for w in layer.proj_init[m].expand(B))      # a grown memory
+        got = layer.target(spec, state, v, u)
+        plain = memory_read(spec, state, l2norm(v))
+        at_k = memory_read(spec, state, u)
+        n = plain.norm(dim=-1)
+        torch.testing.assert_close(got.norm(dim=-1), at_k.norm(dim=-1) * n / (n + smt_module.MATCH_EPS),
+                                   rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close((got * plain).sum(-1), got.norm(dim=-1) * n, rtol=1e-12, atol=1e-14)  # same way
+        W = state[0]                                                     # linear: read = k W^T
+        step = W - (W @ u[:, :1].transpose(1, 2) - got[:, :1].transpose(1, 2)) @ u[:, :1]
+        assert ((u[:, :1] @ step.transpose(1, 2)).norm(dim=-1) <= at_k[:, :1].norm(dim=-1) * (1 + 1e-9)).all()
+    assert layer.target(spec, state, v) is not None and not ModelConfig().proj_target_match
+    assert preset_model_dict("hope-tiny+static_k")["proj_target_match"] is True
+    assert "proj_target_match" not in preset_model_dict("hope-tiny+static_v")
