@@ -135,7 +135,8 @@ def main(argv=None) -> int:
                 cfg = run_config(name, suite, seed, steps, a.data, a.threads, a.lr, a.micro)
                 res = train_one(cfg)
                 res.update(steps=steps, lr=a.lr, micro=a.micro, seq_len=cfg.data.seq_len, load=load_average(),
-                           context_target_norm=cfg.model.context_target_norm)
+                           context_target_norm=cfg.model.context_target_norm,
+                           proj_target_match=cfg.model.proj_target_match)
                 # merge into the file as it is now (other parts may have written meanwhile)
                 results = json.loads(Path(a.out).read_text()) if Path(a.out).exists() else {}
                 key = suite_key(suite, a.lr)

@@ -30,7 +30,8 @@ def test_runs_are_merged_by_suite_run_and_seed(dataset, tmp_path, monkeypatch, c
     assert set(runs) == {"tiny", "tiny_lr0.006"}
     assert set(runs["tiny"]) == {"transformer"} and set(runs["tiny"]["transformer"]) == {"0", "1"}
     got = runs["tiny_lr0.006"]["hope+static_k"]["0"]
-    assert got["lr"] == 6e-3 and got["tokens"] == 2 * 2 * 32 and got["nan_steps"] == 0
+    assert got["lr"] == 6e-3 and got["tokens"] == 2 * 2 * 32 and got["nan_steps"] == 0 and got["proj_target_match"]
+    assert runs["tiny"]["transformer"]["0"]["proj_target_match"] is False
     assert math.isfinite(got["val_loss"]) and got["val_ppl"] == pytest.approx(math.exp(got["val_loss"]))
     a, b = (runs["tiny"]["transformer"][s]["val_loss"] for s in ("0", "1"))
     assert a != b                                                # seed = initialisation and data order
