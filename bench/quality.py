@@ -2,15 +2,17 @@
 same tokens and seeds; held-out loss and perplexity per run (docs/MODEL.md, "Quality ladder").
 
     python bench/quality.py --suite tiny --seeds 0,1                  # the main job's settings, 12 x 2 runs
-    python bench/quality.py --suite tiny --steps 100 --only hope,titans  # a part (results are merged)
+    python bench/quality.py --suite tiny --only hope,titans --seeds 2 # a part (results are merged)
     python bench/quality.py --suite small --only hope,hope_attention,transformer,titans,gated_deltanet
                                                                       # 4 layers, d = 192, 150 steps
 
 Every run goes through the training loop of ``nl-pretrain train`` (nl_pretrain.train.loop.train) with
 ``--train.threads`` and writes its run directory under ``runs/quality/``. Runs of the same seed read the
 same training batches (the data order is a function of the seed) and every run is evaluated on the
-same held-out batches. Results are merged into ``bench/results/quality.json`` keyed by suite, run
-and seed, so a suite can be run in parts (``--only``) and in parallel processes (one JSON write each).
+same held-out batches. Results are merged into ``bench/results/quality.json`` keyed by suite (with the
+steps, micro-batch and lr where they differ from the suite's: ``suite_key``), run and seed, so a suite
+can be run in parts (``--only``) and in parallel processes (one JSON write each), and a shorter run
+never replaces one at the suite's settings.
 """
 from __future__ import annotations
 
@@ -39,11 +41,19 @@ SUITES = {
     "small": ({"n_layers": 4, "d_model": 192, "n_heads": 4}, 150),
 }
 MAIN_LR = 3e-3                     # configs/tiny_hope.yaml
+MAIN_MICRO = 8                     # configs/tiny_hope.yaml: train.micro_batch_size
 
 
-def suite_key(suite: str, lr: float) -> str:
-    """Where a run's result lives in the JSON: the suite, or ``<suite>_lr<lr>`` at another lr than the main job's."""
-    return suite if lr == MAIN_LR else f"{suite}_lr{lr:g}"
+def suite_key(suite: str, lr: float, steps: int = 0, micro: int = MAIN_MICRO) -> str:
+    """Where a run's result lives in the JSON (and its run directory): the suite at its own length and the
+    main job's lr and batch, else ``<suite>[_<steps>steps][_micro<micro>][_lr<lr>]``, so a shorter or
+    otherwise different run never replaces (or sits in one table with) a run of the suite's settings."""
+    key = suite
+    if steps and steps != SUITES[suite][1]:
+        key += f"_{steps}steps"
+    if micro != MAIN_MICRO:
+        key += f"_micro{micro}"
+    return key if lr == MAIN_LR else f"{key}_lr{lr:g}"
 
 
 def run_config(name: str, suite: str, seed: int, steps: int, data: str, threads: int, lr: float, micro: int):
@@ -55,7 +65,7 @@ def run_config(name: str, suite: str, seed: int, steps: int, data: str, threads:
             f"--train.steps={steps}", f"--train.micro_batch_size={micro}", f"--train.seed={seed}",
             f"--train.threads={threads}", f"--train.eval_every={steps}", "--train.eval_batches=16",
             f"--train.log_every={max(1, steps // 10)}", "--train.progress=false", "--checkpoint.save_final=false",
-            f"--train.run_dir=runs/quality/{suite_key(suite, lr)}/{name}-s{seed}",
+            f"--train.run_dir=runs/quality/{suite_key(suite, lr, steps, micro)}/{name}-s{seed}",
             f"--data.seq_len={json.loads(Path(data, 'manifest.json').read_text())['seq_len']}"]
     over += [f"--model.{k}={v}" for k, v in model.items()]
     return load_config(str(ROOT / "configs" / "tiny_hope.yaml"), over)
@@ -108,7 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help=f"comma-separated runs (default all): {','.join(RUNS)}")
     ap.add_argument("--data", default="data/stdlib-4k", help="prepared dataset (nl-pretrain prepare-data)")
     ap.add_argument("--lr", type=float, default=MAIN_LR, help="results at another lr go under <suite>_lr<lr>")
-    ap.add_argument("--micro", type=int, default=8, help="sequences per step (of the dataset's length)")
+    ap.add_argument("--micro", type=int, default=MAIN_MICRO, help="sequences per step (of the dataset's length); "
+                    "another --steps or --micro goes under <suite>_<steps>steps_micro<micro>")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench/results/quality.json")
     a = ap.parse_args(argv)
@@ -139,7 +150,7 @@ def main(argv=None) -> int:
                            proj_target_match=cfg.model.proj_target_match)
                 # merge into the file as it is now (other parts may have written meanwhile)
                 results = json.loads(Path(a.out).read_text()) if Path(a.out).exists() else {}
-                key = suite_key(suite, a.lr)
+                key = suite_key(suite, a.lr, steps, a.micro)
                 results.setdefault("runs", {}).setdefault(key, {}).setdefault(name, {})[str(seed)] = res
                 results["machine"] = machine(a.threads)
                 results["suites"] = {s: {"model_overrides": SUITES[s][0], "preset": "<family>-tiny[+switch]"}
@@ -152,7 +163,7 @@ def main(argv=None) -> int:
                       f"{res['wall_s']:.0f} s, {res['nan_steps']} non-finite steps", flush=True)
     results = json.loads(Path(a.out).read_text())
     for suite in suites:
-        print(table(results["runs"], suite_key(suite, a.lr)))
+        print(table(results["runs"], suite_key(suite, a.lr, a.steps or SUITES[suite][1], a.micro)))
     return 0
 
 
